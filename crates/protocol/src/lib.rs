@@ -11,15 +11,20 @@
 //! - [`trie`]: [`SubscriptionTrie`], whose matching cost grows with topic depth, not with
 //!   the number of subscriptions.
 //!
+//! `fuzzing` (hidden) holds the checks the fuzz targets in `fuzz/` and the corpus replay test
+//! share.
+//!
 //! The protocol level is a parameter ([`ProtocolLevel`]) so MQTT 5 can slot in beside 3.1.1.
 #![forbid(unsafe_code)]
 
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod packet;
 pub mod topic;
 pub mod trie;
 
-pub use codec::{decode, encode, DecodeError, DecodeLimits, EncodeError};
+pub use codec::{decode, encode, encoded_len, DecodeError, DecodeLimits, EncodeError};
 pub use packet::*;
 pub use topic::{TopicError, TopicFilter, TopicName};
 pub use trie::SubscriptionTrie;
