@@ -1,1 +1,240 @@
-//! broker
+//! bulwark-broker: an MQTT 3.1.1 broker for the DMZ.
+//!
+//! Layout:
+//! - [`config`]: the strict TOML configuration and its validation (exit 64 on errors).
+//! - [`tls`]: rustls server configuration and certificate identities.
+//! - [`listener`]: accept loops with the connection cap and accept back-off.
+//! - [`transport`]: TCP, TLS and WebSocket-over-TLS as one byte stream.
+//! - [`connection`]: one task per client: CONNECT deadline, packet rules, I/O.
+//! - [`session`]: the per-session state machine (queue, in-flight window, QoS 2).
+//! - [`router`]: sessions, the subscription trie and retained messages behind one lock.
+//! - [`store`]: persistence behind [`store::BrokerStore`] (sled), with group commit.
+//! - [`sys`]: the `$SYS/broker/...` topics.
+//!
+//! [`Broker::start`] runs everything from a validated [`config::Config`]; the binary in
+//! `main.rs` adds the command line, logging and signal handling.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod router;
+pub mod session;
+pub mod store;
+pub mod sys;
+pub mod tls;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, Durability};
+use crate::connection::Shared;
+use crate::router::Router;
+use crate::store::{BrokerStore, FlushCoordinator, NullStore, SledStore, StoreError};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener {name}: {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: tls::TlsSetupError,
+    },
+    #[error("listener {name}: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl StartError {
+    /// Exit code: 64 for what the operator's configuration or files caused.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Tls { .. } => config::EXIT_BAD_CONFIG,
+            StartError::Store(StoreError::UnknownVersion { .. }) => config::EXIT_BAD_CONFIG,
+            StartError::Bind { .. } | StartError::Store(_) => 1,
+        }
+    }
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Broker {
+    router: Arc<Router>,
+    local_addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    store: Arc<dyn BrokerStore>,
+    durability: Option<FlushCoordinator>,
+}
+
+impl Broker {
+    /// Opens the store, binds every listener and starts serving. Nothing is served if any
+    /// listener fails to bind or any TLS material is unusable.
+    pub async fn start(config: Config) -> Result<Broker, StartError> {
+        let mut runtimes = Vec::new();
+        for l in &config.listeners {
+            let name = l.display_name();
+            let tls = match &l.tls {
+                Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                    tls::server_config(t, &[]).map_err(|source| StartError::Tls {
+                        name: name.clone(),
+                        source,
+                    })?,
+                )),
+                None => None,
+            };
+            runtimes.push(connection::ListenerRuntime {
+                name,
+                config: l.clone(),
+                tls,
+            });
+        }
+
+        let p = &config.persistence;
+        let (store, snapshot): (Arc<dyn BrokerStore>, _) = if p.enabled {
+            let path = p.path.clone();
+            let cap = p.cache_capacity_bytes;
+            let (s, snap) =
+                tokio::task::spawn_blocking(move || SledStore::open_or_recover(&path, cap))
+                    .await
+                    .map_err(|e| StoreError::Io {
+                        path: p.path.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+            tracing::info!(path = %s.path().display(), durability = ?p.durability, "persistent store open");
+            (Arc::new(s), Some(snap))
+        } else {
+            tracing::warn!("persistence is disabled: retained messages and persistent sessions are lost on restart");
+            (Arc::new(NullStore), None)
+        };
+
+        let mut listeners = Vec::new();
+        let mut local_addrs = Vec::new();
+        for rt in runtimes {
+            let sock = tokio::net::TcpListener::bind(rt.config.bind)
+                .await
+                .map_err(|source| StartError::Bind {
+                    name: rt.name.clone(),
+                    addr: rt.config.bind,
+                    source,
+                })?;
+            let addr = sock.local_addr().map_err(|source| StartError::Bind {
+                name: rt.name.clone(),
+                addr: rt.config.bind,
+                source,
+            })?;
+            if rt.config.transport == config::Transport::Tcp && !rt.config.is_loopback() {
+                tracing::warn!(
+                    listener = %rt.name,
+                    %addr,
+                    "PLAINTEXT MQTT on a network-reachable address (allow_plaintext_on_network = true): passwords and data cross the network unencrypted"
+                );
+            }
+            if rt.config.allow_anonymous && !rt.config.is_loopback() {
+                tracing::warn!(listener = %rt.name, %addr, "anonymous clients accepted on a network-reachable address (allow_anonymous_on_network = true)");
+            }
+            tracing::info!(listener = %rt.name, %addr, transport = ?rt.config.transport, "listening");
+            local_addrs.push(addr);
+            listeners.push((sock, rt));
+        }
+
+        let router = Arc::new(Router::new(config.limits.clone(), store.clone()));
+        if let Some(snap) = snapshot {
+            router.restore(snap);
+        }
+        let durability = if p.enabled {
+            match p.durability {
+                Durability::Sync => Some(FlushCoordinator::start(store.clone(), None)),
+                Durability::Periodic => {
+                    // Periodic: nobody waits; the coordinator just flushes on its timer.
+                    FlushCoordinator::start(
+                        store.clone(),
+                        Some(Duration::from_millis(p.flush_interval_ms)),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let shared = Arc::new(Shared {
+            router: router.clone(),
+            durability: durability.clone(),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let conns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
+        for (sock, rt) in listeners {
+            tasks.spawn(listener::accept_loop(
+                sock,
+                Arc::new(rt),
+                shared.clone(),
+                conns.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        tasks.spawn(sys::run(
+            router.clone(),
+            config.sys.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(expiry_loop(router.clone(), shutdown_rx.clone()));
+        Ok(Broker {
+            router,
+            local_addrs,
+            shutdown,
+            tasks,
+            store,
+            durability,
+        })
+    }
+
+    /// The bound address of each listener, in configuration order (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Graceful shutdown: stop accepting, close every connection (no wills), mark
+    /// sessions offline and flush the store.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.router.detach_all();
+        if let Some(d) = &self.durability {
+            d.durable().await;
+        }
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(())) => tracing::info!("store flushed; shutdown complete"),
+            Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),
+            Err(e) => tracing::error!(error = %e, "final store flush failed"),
+        }
+    }
+}
+
+async fn expiry_loop(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => { router.expire_sessions(router::unix_now()); }
+        }
+    }
+}

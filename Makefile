@@ -1,0 +1,39 @@
+# Bulwark: the commands CI and newcomers use. One cargo profile (dev, lightly optimised)
+# serves tests, binaries and `make run`, so nothing is compiled twice.
+CARGO ?= cargo
+FUZZ_SECONDS ?= 30
+
+.PHONY: all build run certs test test-rust fuzz-smoke lint fmt clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+## Start the development broker (certificates created on first use under certs/dev).
+run: build
+	./scripts/dev-run.sh
+
+## Development PKI: root CA, server certificate, one application client certificate.
+certs: build
+	./target/debug/bulwark-pki init --dir certs/dev --client app1
+
+## Everything CI runs: unit, property, integration and interop tests, corpus replay,
+## and a short fuzzing run of every fuzz target.
+test: build test-rust fuzz-smoke
+
+test-rust:
+	$(CARGO) test --workspace
+
+fuzz-smoke:
+	./scripts/fuzz-smoke.sh $(FUZZ_SECONDS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,765 @@
+//! One task per client connection: handshakes and CONNECT under one deadline counted from
+//! TCP accept, then a loop that reads packets, hands them to the router, and writes what
+//! the session has to send. All protocol state lives in the router and the session; this
+//! module does I/O, timers and the rules about which packet may come when.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_protocol::codec::{packet_type, peek_fixed_header};
+use bulwark_protocol::{
+    decode, encode, ConnAck, Connect, ConnectReturnCode, DecodeError, DecodeLimits, LastWill,
+    Packet, QoS, SubAck,
+};
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{field, Instrument};
+
+use crate::config::{ListenerConfig, Transport as TransportKind};
+use crate::router::{attach_refusal, Metrics, Router};
+use crate::session::Message;
+use crate::store::FlushCoordinator;
+use crate::transport::{accept_websocket, Transport};
+
+/// Everything a connection task needs from the broker.
+#[derive(Debug)]
+pub struct Shared {
+    pub router: Arc<Router>,
+    /// Present with `sync` durability: acknowledgements wait for it.
+    pub durability: Option<FlushCoordinator>,
+}
+
+/// A listener as the connection tasks see it.
+pub struct ListenerRuntime {
+    pub name: String,
+    pub config: ListenerConfig,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ListenerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerRuntime")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client sent DISCONNECT: no will.
+    Disconnect,
+    /// Broker shutdown: no will.
+    Shutdown,
+    TakenOver,
+    ClosedByPeer,
+    KeepaliveTimeout,
+    WriteTimeout,
+    Io,
+    Protocol,
+}
+
+impl End {
+    fn publishes_will(self) -> bool {
+        !matches!(self, End::Disconnect | End::Shutdown)
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Disconnect => "client_disconnect",
+            End::Shutdown => "broker_shutdown",
+            End::TakenOver => "session_taken_over",
+            End::ClosedByPeer => "connection_closed",
+            End::KeepaliveTimeout => "keepalive_timeout",
+            End::WriteTimeout => "write_timeout",
+            End::Io => "io_error",
+            End::Protocol => "protocol_error",
+        }
+    }
+}
+
+/// Serves one accepted TCP connection to its end.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    shutdown: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!(
+        "conn",
+        %peer,
+        listener = %listener.name,
+        client_id = field::Empty,
+        identity = field::Empty,
+    );
+    async move {
+        let limits = shared.router.limits().clone();
+        let deadline = accepted + limits.connect_timeout();
+        let established =
+            tokio::time::timeout_at(deadline, establish(&shared, &listener, stream, peer)).await;
+        let (transport, connect, identity, rbuf) = match established {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                e.log(peer);
+                return;
+            }
+            Err(_) => {
+                Metrics::add(&shared.router.metrics.connections_refused, 1);
+                tracing::warn!(
+                    target: "audit",
+                    event = "connect_timeout",
+                    %peer,
+                    timeout_secs = limits.connect_timeout_secs,
+                    "no complete CONNECT within limits.connect_timeout_secs of accept; closed"
+                );
+                return;
+            }
+        };
+        Connection::start(
+            shared, listener, transport, connect, identity, rbuf, peer, shutdown,
+        )
+        .await;
+    }
+    .instrument(span)
+    .await
+}
+
+enum SetupError {
+    Tls(std::io::Error),
+    WebSocket(std::io::Error),
+    Io(std::io::Error),
+    ClosedBeforeConnect,
+    NotConnect(u8),
+    Decode(DecodeError),
+}
+
+impl SetupError {
+    fn log(&self, peer: SocketAddr) {
+        match self {
+            SetupError::Tls(e) => {
+                tracing::warn!(target: "audit", event = "tls_handshake_failed", %peer, error = %e, "TLS handshake failed")
+            }
+            SetupError::WebSocket(e) => {
+                tracing::warn!(target: "audit", event = "websocket_refused", %peer, error = %e, "WebSocket upgrade refused")
+            }
+            SetupError::Io(e) => {
+                tracing::debug!(%peer, error = %e, "connection failed before CONNECT")
+            }
+            SetupError::ClosedBeforeConnect => tracing::debug!(%peer, "closed before CONNECT"),
+            SetupError::NotConnect(t) => {
+                tracing::warn!(target: "audit", event = "protocol_error", %peer, packet_type = t, "first packet is not CONNECT; closed")
+            }
+            SetupError::Decode(e) => {
+                tracing::warn!(target: "audit", event = "protocol_error", %peer, error = %e, "invalid CONNECT; closed")
+            }
+        }
+    }
+}
+
+type Established = (Transport, Connect, Option<Arc<str>>, BytesMut);
+
+async fn establish(
+    shared: &Shared,
+    listener: &ListenerRuntime,
+    stream: TcpStream,
+    _peer: SocketAddr,
+) -> Result<Established, SetupError> {
+    let _ = stream.set_nodelay(true);
+    let limits = shared.router.limits();
+    let (mut transport, identity) = match (&listener.tls, listener.config.transport) {
+        (Some(acceptor), kind) => {
+            let tls = acceptor.accept(stream).await.map_err(SetupError::Tls)?;
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(crate::tls::certificate_identity)
+                .map(Arc::<str>::from);
+            let t = if kind == TransportKind::Wss {
+                accept_websocket(tls, &listener.config.ws_path, limits.max_packet_size + 16)
+                    .await
+                    .map_err(SetupError::WebSocket)?
+            } else {
+                Transport::Tls(Box::new(tls))
+            };
+            (t, identity)
+        }
+        (None, _) => (Transport::Tcp(stream), None),
+    };
+    let pre_auth = DecodeLimits {
+        max_packet_size: limits.max_connect_packet_size,
+    };
+    let mut rbuf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some(h) = peek_fixed_header(&rbuf, &pre_auth).map_err(SetupError::Decode)? {
+            if h.packet_type != packet_type::CONNECT {
+                return Err(SetupError::NotConnect(h.packet_type));
+            }
+        }
+        match decode(&mut rbuf, &pre_auth) {
+            Ok(Some(Packet::Connect(c))) => return Ok((transport, c, identity, rbuf)),
+            Ok(Some(p)) => return Err(SetupError::NotConnect(packet_number(&p))),
+            Ok(None) => {}
+            Err(e) => {
+                if let Some(code) = e.connack_code() {
+                    let _ = send_packets(
+                        &mut transport,
+                        &[Packet::ConnAck(ConnAck {
+                            session_present: false,
+                            code,
+                        })],
+                    )
+                    .await;
+                }
+                return Err(SetupError::Decode(e));
+            }
+        }
+        let n = transport
+            .read_into(&mut rbuf)
+            .await
+            .map_err(SetupError::Io)?;
+        if n == 0 {
+            return Err(SetupError::ClosedBeforeConnect);
+        }
+    }
+}
+
+fn packet_number(p: &Packet) -> u8 {
+    match p {
+        Packet::Connect(_) => 1,
+        Packet::ConnAck(_) => 2,
+        Packet::Publish(_) => 3,
+        Packet::PubAck(_) => 4,
+        Packet::PubRec(_) => 5,
+        Packet::PubRel(_) => 6,
+        Packet::PubComp(_) => 7,
+        Packet::Subscribe(_) => 8,
+        Packet::SubAck(_) => 9,
+        Packet::Unsubscribe(_) => 10,
+        Packet::UnsubAck(_) => 11,
+        Packet::PingReq => 12,
+        Packet::PingResp => 13,
+        Packet::Disconnect => 14,
+    }
+}
+
+async fn send_packets(transport: &mut Transport, packets: &[Packet]) -> std::io::Result<usize> {
+    let mut buf = BytesMut::new();
+    for p in packets {
+        encode(p, &mut buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    transport.write_all(&buf).await?;
+    Ok(buf.len())
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    transport: Transport,
+    rbuf: BytesMut,
+    client_id: Arc<str>,
+    conn: u64,
+    peer: SocketAddr,
+    will: Option<LastWill>,
+    keepalive: Option<Duration>,
+    decode_limits: DecodeLimits,
+}
+
+/// Why CONNECT was refused, for the audit log.
+fn refuse_reason(code: ConnectReturnCode) -> &'static str {
+    match code {
+        ConnectReturnCode::Accepted => "accepted",
+        ConnectReturnCode::UnacceptableProtocolVersion => "unacceptable protocol version",
+        ConnectReturnCode::IdentifierRejected => "identifier rejected",
+        ConnectReturnCode::ServerUnavailable => "server unavailable",
+        ConnectReturnCode::BadUsernameOrPassword => "bad username or password",
+        ConnectReturnCode::NotAuthorized => "not authorized",
+    }
+}
+
+impl Connection {
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        shared: Arc<Shared>,
+        listener: Arc<ListenerRuntime>,
+        mut transport: Transport,
+        connect: Connect,
+        identity: Option<Arc<str>>,
+        rbuf: BytesMut,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let router = shared.router.clone();
+        let limits = router.limits().clone();
+        let span = tracing::Span::current();
+        if let Some(i) = &identity {
+            span.record("identity", field::display(i.escape_debug()));
+        }
+        let refuse = |code: ConnectReturnCode, detail: &str| {
+            Metrics::add(&router.metrics.connections_refused, 1);
+            tracing::warn!(
+                target: "audit",
+                event = "connect_refused",
+                %peer,
+                client_id = %connect.client_id.escape_debug(),
+                identity = identity.as_deref().map(str::escape_debug).map(|e| e.to_string()).unwrap_or_default(),
+                reason = refuse_reason(code),
+                detail,
+                "CONNECT refused"
+            );
+            code
+        };
+        let checked = (|| {
+            if identity.is_none() && !listener.config.allow_anonymous {
+                return Err(refuse(
+                    ConnectReturnCode::NotAuthorized,
+                    "no client certificate and the listener does not allow anonymous clients",
+                ));
+            }
+            if connect.client_id.len() > limits.max_client_id_len {
+                return Err(refuse(
+                    ConnectReturnCode::IdentifierRejected,
+                    "client id longer than limits.max_client_id_len",
+                ));
+            }
+            if connect.keep_alive == 0 && !limits.allow_zero_keepalive {
+                return Err(refuse(
+                    ConnectReturnCode::IdentifierRejected,
+                    "keepalive 0 is not allowed (limits.allow_zero_keepalive)",
+                ));
+            }
+            if connect.keep_alive > limits.max_keepalive_secs {
+                return Err(refuse(
+                    ConnectReturnCode::IdentifierRejected,
+                    "keepalive above limits.max_keepalive_secs",
+                ));
+            }
+            if let Some(w) = &connect.will {
+                if w.topic.is_dollar() {
+                    return Err(refuse(
+                        ConnectReturnCode::NotAuthorized,
+                        "will topic starts with '$'; those topics are written by the broker only",
+                    ));
+                }
+                if w.topic.level_count() > limits.max_topic_levels {
+                    return Err(refuse(
+                        ConnectReturnCode::NotAuthorized,
+                        "will topic has more levels than limits.max_topic_levels",
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(code) = checked {
+            let _ = send_packets(
+                &mut transport,
+                &[Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code,
+                })],
+            )
+            .await;
+            transport.shutdown().await;
+            return;
+        }
+        let conn = router.new_connection_id();
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            format!("bulwark-auto-{conn:x}-{:x}", crate::router::unix_now()).into()
+        } else {
+            connect.client_id.as_str().into()
+        };
+        span.record("client_id", field::display(client_id.escape_debug()));
+        let attached =
+            match router.attach(&client_id, identity.as_ref(), connect.clean_session, conn) {
+                Ok(a) => a,
+                Err(e) => {
+                    let code = refuse(
+                        attach_refusal(e),
+                        "client id belongs to a session of another identity",
+                    );
+                    let _ = send_packets(
+                        &mut transport,
+                        &[Packet::ConnAck(ConnAck {
+                            session_present: false,
+                            code,
+                        })],
+                    )
+                    .await;
+                    transport.shutdown().await;
+                    return;
+                }
+            };
+        Metrics::add(&router.metrics.connections_total, 1);
+        router
+            .metrics
+            .clients_connected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            target: "audit",
+            event = "connect",
+            %peer,
+            client_id = %client_id.escape_debug(),
+            identity = identity.as_deref().map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+            clean_session = connect.clean_session,
+            keepalive = connect.keep_alive,
+            session_present = attached.session_present,
+            "client connected"
+        );
+        let mut c = Connection {
+            shared: shared.clone(),
+            transport,
+            rbuf,
+            client_id: client_id.clone(),
+            conn,
+            peer,
+            will: connect.will.clone(),
+            keepalive: (connect.keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
+            decode_limits: DecodeLimits {
+                max_packet_size: limits.max_packet_size,
+            },
+        };
+        let mut first = vec![Packet::ConnAck(ConnAck {
+            session_present: attached.session_present,
+            code: ConnectReturnCode::Accepted,
+        })];
+        first.extend(attached.resend);
+        let end = c.run(first, attached.waker, attached.kick, shutdown).await;
+        c.finish(end).await;
+    }
+
+    async fn run(
+        &mut self,
+        first: Vec<Packet>,
+        waker: Arc<tokio::sync::Notify>,
+        kick: Arc<tokio::sync::Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> End {
+        let mut out = first;
+        // Whatever was queued while the client was away goes right after CONNACK.
+        if self
+            .shared
+            .router
+            .with_session(&self.client_id, self.conn, |s| s.drain_outgoing(&mut out))
+            .is_none()
+        {
+            return End::TakenOver;
+        }
+        if let Err(end) = self.write(&out).await {
+            return end;
+        }
+        // Packets that arrived together with CONNECT.
+        if !self.rbuf.is_empty() {
+            match self.process_input().await {
+                Ok(None) => {}
+                Ok(Some(end)) => return end,
+                Err(end) => return end,
+            }
+        }
+        let mut last_activity = Instant::now();
+        loop {
+            let ka_deadline = self.keepalive.map(|k| last_activity + k);
+            let step = tokio::select! {
+                _ = shutdown.changed() => Err(End::Shutdown),
+                _ = kick.notified() => Err(End::TakenOver),
+                r = self.transport.read_into(&mut self.rbuf) => match r {
+                    Ok(0) => Err(End::ClosedByPeer),
+                    Ok(n) => {
+                        Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
+                        last_activity = Instant::now();
+                        match self.process_input().await {
+                            Ok(None) => Ok(()),
+                            Ok(Some(end)) | Err(end) => Err(end),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "read failed");
+                        Err(End::Io)
+                    }
+                },
+                _ = waker.notified() => {
+                    let mut out = Vec::new();
+                    match self.shared.router.with_session(&self.client_id, self.conn, |s| s.drain_outgoing(&mut out)) {
+                        Some(()) => self.write(&out).await,
+                        None => Err(End::TakenOver),
+                    }
+                }
+                _ = sleep_until_opt(ka_deadline) => Err(End::KeepaliveTimeout),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in the read buffer, then writes the
+    /// replies and deliveries. `Ok(Some(End::Disconnect))` after DISCONNECT.
+    async fn process_input(&mut self) -> Result<Option<End>, End> {
+        let router = self.shared.router.clone();
+        let mut out = Vec::new();
+        let mut wrote = false;
+        let mut end = None;
+        loop {
+            let packet = match decode(&mut self.rbuf, &self.decode_limits) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    self.protocol_error(&format!("{e}"));
+                    // Acknowledge what was handled before the bad packet.
+                    let _ = self.finish_batch(out, wrote).await;
+                    return Err(End::Protocol);
+                }
+            };
+            match self.handle(packet, &mut out, &mut wrote) {
+                Ok(None) => {}
+                Ok(Some(e)) => {
+                    end = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    let _ = self.finish_batch(out, wrote).await;
+                    return Err(e);
+                }
+            }
+        }
+        if end.is_none()
+            && router
+                .with_session(&self.client_id, self.conn, |s| {
+                    s.drain_outgoing(&mut out);
+                    wrote |= s.wrote;
+                })
+                .is_none()
+        {
+            return Err(End::TakenOver);
+        }
+        self.finish_batch(out, wrote).await?;
+        Ok(end)
+    }
+
+    /// Waits for durability if the batch wrote to the store, then sends it.
+    async fn finish_batch(&mut self, out: Vec<Packet>, wrote: bool) -> Result<(), End> {
+        if wrote {
+            if let Some(d) = &self.shared.durability {
+                d.durable().await;
+            }
+        }
+        self.write(&out).await
+    }
+
+    fn protocol_error(&self, detail: &str) {
+        Metrics::add(&self.shared.router.metrics.protocol_errors, 1);
+        tracing::warn!(
+            target: "audit",
+            event = "protocol_error",
+            peer = %self.peer,
+            client_id = %self.client_id.escape_debug(),
+            detail,
+            "protocol violation; connection closed"
+        );
+    }
+
+    fn handle(
+        &mut self,
+        packet: Packet,
+        out: &mut Vec<Packet>,
+        wrote: &mut bool,
+    ) -> Result<Option<End>, End> {
+        let router = self.shared.router.clone();
+        let limits = router.limits();
+        let gone = || End::TakenOver;
+        match packet {
+            Packet::Publish(p) => {
+                if p.topic.level_count() > limits.max_topic_levels {
+                    self.protocol_error(
+                        "PUBLISH topic has more levels than limits.max_topic_levels",
+                    );
+                    return Err(End::Protocol);
+                }
+                if p.topic.is_dollar() {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "publish_refused",
+                        peer = %self.peer,
+                        client_id = %self.client_id.escape_debug(),
+                        topic = %p.topic.as_str().escape_debug(),
+                        reason = "topics starting with '$' are written by the broker only",
+                        "PUBLISH refused; connection closed"
+                    );
+                    Metrics::add(&router.metrics.protocol_errors, 1);
+                    return Err(End::Protocol);
+                }
+                Metrics::add(&router.metrics.messages_received, 1);
+                let msg = Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    retain: p.retain,
+                };
+                match (p.qos, p.pkid) {
+                    (QoS::AtMostOnce, _) => *wrote |= router.publish(msg),
+                    (QoS::AtLeastOnce, Some(id)) => {
+                        *wrote |= router.publish(msg);
+                        out.push(Packet::PubAck(id));
+                    }
+                    (QoS::ExactlyOnce, Some(id)) => {
+                        let first = router
+                            .with_session(&self.client_id, self.conn, |s| s.incoming_qos2(id))
+                            .ok_or_else(gone)?;
+                        if first {
+                            *wrote |= router.publish(msg);
+                        }
+                        out.push(Packet::PubRec(id));
+                    }
+                    _ => {
+                        self.protocol_error("PUBLISH with QoS > 0 and no packet id");
+                        return Err(End::Protocol);
+                    }
+                }
+            }
+            Packet::PubAck(id) => {
+                *wrote |= router
+                    .with_session(&self.client_id, self.conn, |s| {
+                        s.on_puback(id);
+                        s.wrote
+                    })
+                    .ok_or_else(gone)?;
+            }
+            Packet::PubRec(id) => {
+                *wrote |= router
+                    .with_session(&self.client_id, self.conn, |s| {
+                        s.on_pubrec(id);
+                        s.wrote
+                    })
+                    .ok_or_else(gone)?;
+                // §4.3.3: answer PUBREC with PUBREL, also for an id we do not know.
+                out.push(Packet::PubRel(id));
+            }
+            Packet::PubComp(id) => {
+                *wrote |= router
+                    .with_session(&self.client_id, self.conn, |s| {
+                        s.on_pubcomp(id);
+                        s.wrote
+                    })
+                    .ok_or_else(gone)?;
+            }
+            Packet::PubRel(id) => {
+                router
+                    .with_session(&self.client_id, self.conn, |s| s.incoming_pubrel(id))
+                    .ok_or_else(gone)?;
+                out.push(Packet::PubComp(id));
+            }
+            Packet::Subscribe(sub) => {
+                let (codes, w) = router
+                    .subscribe(&self.client_id, self.conn, &sub.filters)
+                    .ok_or_else(gone)?;
+                *wrote |= w;
+                out.push(Packet::SubAck(SubAck {
+                    pkid: sub.pkid,
+                    return_codes: codes,
+                }));
+            }
+            Packet::Unsubscribe(u) => {
+                *wrote |= router
+                    .unsubscribe(&self.client_id, self.conn, &u.filters)
+                    .ok_or_else(gone)?;
+                out.push(Packet::UnsubAck(u.pkid));
+            }
+            Packet::PingReq => out.push(Packet::PingResp),
+            Packet::Disconnect => {
+                self.will = None;
+                return Ok(Some(End::Disconnect));
+            }
+            p @ (Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp) => {
+                self.protocol_error(&format!("{} is not allowed from a client here", p.name()));
+                return Err(End::Protocol);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn write(&mut self, packets: &[Packet]) -> Result<(), End> {
+        if packets.is_empty() {
+            return Ok(());
+        }
+        let mut buf = BytesMut::new();
+        let mut publishes = 0u64;
+        for p in packets {
+            if let Err(e) = encode(p, &mut buf) {
+                tracing::error!(error = %e, packet = p.name(), "could not encode an outgoing packet");
+                continue;
+            }
+            if matches!(p, Packet::Publish(_)) {
+                publishes += 1;
+            }
+        }
+        let timeout = Duration::from_secs(self.shared.router.limits().write_timeout_secs);
+        match tokio::time::timeout(timeout, self.transport.write_all(&buf)).await {
+            Ok(Ok(())) => {
+                let m = &self.shared.router.metrics;
+                Metrics::add(&m.bytes_sent, buf.len() as u64);
+                Metrics::add(&m.messages_sent, publishes);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                Err(End::Io)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    target: "audit",
+                    event = "write_timeout",
+                    peer = %self.peer,
+                    client_id = %self.client_id.escape_debug(),
+                    "client did not read for limits.write_timeout_secs; closed"
+                );
+                Err(End::WriteTimeout)
+            }
+        }
+    }
+
+    async fn finish(mut self, end: End) {
+        let router = self.shared.router.clone();
+        router.detach(&self.client_id, self.conn);
+        router
+            .metrics
+            .clients_connected
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if end.publishes_will() {
+            if let Some(w) = self.will.take() {
+                tracing::debug!(topic = %w.topic, "publishing will");
+                router.publish(Message {
+                    topic: w.topic,
+                    payload: w.payload,
+                    qos: w.qos,
+                    retain: w.retain,
+                });
+            }
+        }
+        tracing::info!(
+            target: "audit",
+            event = "disconnect",
+            peer = %self.peer,
+            client_id = %self.client_id.escape_debug(),
+            reason = end.as_str(),
+            "client disconnected"
+        );
+        if end != End::Io {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.transport.shutdown()).await;
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

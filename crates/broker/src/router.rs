@@ -1,0 +1,654 @@
+//! The router: every session, the subscription trie and the retained messages behind one
+//! lock, and the operations connection tasks perform on them (attach, publish, subscribe,
+//! acknowledge, detach). Every mutation that must survive a restart is written through
+//! the [`BrokerStore`]; the caller decides when to wait for durability.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bulwark_protocol::{
+    ConnectReturnCode, Packet, QoS, SubscribeReturnCode, SubscriptionTrie, TopicFilter, TopicName,
+};
+use tokio::sync::Notify;
+
+use crate::config::Limits;
+use crate::session::{Enqueued, Message, QueueChange, QueueLimits, Session};
+use crate::store::{BrokerStore, SessionRecord, Snapshot, StoreError};
+
+/// Broker-wide counters, published under `$SYS/broker/...`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub clients_connected: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub messages_dropped: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Retained messages with their broker-wide bounds.
+#[derive(Debug, Default)]
+pub struct RetainedStore {
+    messages: HashMap<TopicName, Arc<Message>>,
+    bytes: usize,
+}
+
+/// Outcome of storing a retained message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainOutcome {
+    Stored,
+    Cleared,
+    /// The bound on retained messages or bytes was reached; the message was still routed.
+    Refused,
+}
+
+impl RetainedStore {
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn set(&mut self, msg: Arc<Message>, limits: &Limits) -> RetainOutcome {
+        if msg.payload.is_empty() {
+            if let Some(old) = self.messages.remove(&msg.topic) {
+                self.bytes -= old.payload.len();
+            }
+            return RetainOutcome::Cleared;
+        }
+        let old_len = self.messages.get(&msg.topic).map(|m| m.payload.len());
+        let count_after = self.messages.len() + usize::from(old_len.is_none());
+        let bytes_after = self.bytes - old_len.unwrap_or(0) + msg.payload.len();
+        if count_after > limits.max_retained_messages || bytes_after > limits.max_retained_bytes {
+            return RetainOutcome::Refused;
+        }
+        self.bytes = bytes_after;
+        self.messages.insert(msg.topic.clone(), msg);
+        RetainOutcome::Stored
+    }
+
+    fn matching<'a>(&'a self, filter: &'a TopicFilter) -> impl Iterator<Item = &'a Arc<Message>> {
+        self.messages
+            .values()
+            .filter(move |m| filter.matches(&m.topic))
+    }
+}
+
+struct State {
+    sessions: HashMap<Arc<str>, Session>,
+    trie: SubscriptionTrie<Arc<str>, QoS>,
+    retained: RetainedStore,
+}
+
+/// Why a CONNECT could not take its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachError {
+    /// Another identity holds this client id (A5): refused, the holder keeps its session.
+    OwnedByAnotherIdentity,
+}
+
+/// What a connection gets when it attaches to its session.
+#[derive(Debug)]
+pub struct Attached {
+    pub session_present: bool,
+    pub waker: Arc<Notify>,
+    pub kick: Arc<Notify>,
+    /// Packets to resend first (resumed in-flight messages).
+    pub resend: Vec<Packet>,
+}
+
+/// Shared broker state. Cheap to reach from every connection task through an `Arc`.
+pub struct Router {
+    state: Mutex<State>,
+    limits: Limits,
+    queue_limits: QueueLimits,
+    store: Arc<dyn BrokerStore>,
+    pub metrics: Metrics,
+    next_connection: AtomicU64,
+    pub started: Instant,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").finish_non_exhaustive()
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn log_store_error(e: StoreError) {
+    tracing::error!(error = %e, "writing to the persistent store failed");
+}
+
+impl Router {
+    pub fn new(limits: Limits, store: Arc<dyn BrokerStore>) -> Router {
+        let queue_limits = QueueLimits {
+            max_inflight: limits.max_inflight,
+            max_messages: limits.max_queued_messages,
+            max_bytes: limits.max_queued_bytes,
+        };
+        Router {
+            state: Mutex::new(State {
+                sessions: HashMap::new(),
+                trie: SubscriptionTrie::new(),
+                retained: RetainedStore::default(),
+            }),
+            limits,
+            queue_limits,
+            store,
+            metrics: Metrics::default(),
+            next_connection: AtomicU64::new(1),
+            started: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state is still consistent enough
+        // to keep serving other clients, so recover the guard rather than cascade.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn queue_limits(&self) -> &QueueLimits {
+        &self.queue_limits
+    }
+
+    pub fn new_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Loads retained messages and persistent sessions from a snapshot.
+    pub fn restore(&self, snap: Snapshot) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        for m in snap.retained {
+            let Ok(topic) = TopicName::new(&m.topic) else {
+                continue;
+            };
+            let msg = Arc::new(Message {
+                topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: true,
+            });
+            st.retained.set(msg, &self.limits);
+        }
+        for (rec, queued) in snap.sessions {
+            let cid: Arc<str> = rec.client_id.as_str().into();
+            let mut s = Session::new(cid.clone(), rec.identity.map(Into::into), true);
+            s.disconnected_at = if rec.disconnected_at == 0 {
+                unix_now()
+            } else {
+                rec.disconnected_at
+            };
+            for (f, q) in rec.subscriptions {
+                if let Ok(filter) = TopicFilter::new(&f) {
+                    st.trie.insert(&filter, cid.clone(), q);
+                    s.subscriptions.insert(filter, q);
+                }
+            }
+            s.restore_queue(queued);
+            st.sessions.insert(cid, s);
+        }
+        tracing::info!(
+            retained = st.retained.len(),
+            sessions = st.sessions.len(),
+            "restored persistent state"
+        );
+    }
+
+    fn session_record(s: &Session) -> SessionRecord {
+        SessionRecord {
+            client_id: s.client_id.to_string(),
+            identity: s.identity.as_ref().map(|i| i.to_string()),
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(f, q)| (f.as_str().to_string(), *q))
+                .collect(),
+            disconnected_at: s.disconnected_at,
+        }
+    }
+
+    fn persist_change(&self, client_id: &str, change: QueueChange) {
+        let r = match change {
+            QueueChange::Put { seq, record } => self.store.put_queued(client_id, seq, &record),
+            QueueChange::Remove { seq } => self.store.remove_queued(client_id, seq),
+        };
+        if let Err(e) = r {
+            log_store_error(e);
+        }
+    }
+
+    fn remove_session_locked(&self, st: &mut State, client_id: &Arc<str>) {
+        if let Some(s) = st.sessions.remove(client_id) {
+            for f in s.subscriptions.keys() {
+                st.trie.remove(f, client_id);
+            }
+            if s.persistent {
+                if let Err(e) = self.store.remove_session(client_id) {
+                    log_store_error(e);
+                }
+            }
+        }
+    }
+
+    /// Attaches connection `conn` to the session `client_id`, taking it over from any
+    /// connection of the same identity (that connection is kicked).
+    pub fn attach(
+        &self,
+        client_id: &Arc<str>,
+        identity: Option<&Arc<str>>,
+        clean_session: bool,
+        conn: u64,
+    ) -> Result<Attached, AttachError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if let Some(existing) = st.sessions.get(client_id) {
+            if existing.identity.as_deref() != identity.map(|i| &**i) {
+                return Err(AttachError::OwnedByAnotherIdentity);
+            }
+            if existing.connection.is_some() {
+                existing.kick.notify_one();
+            }
+        }
+        let resume = !clean_session && st.sessions.get(client_id).is_some_and(|s| s.persistent);
+        if !resume {
+            self.remove_session_locked(st, client_id);
+            st.sessions.insert(
+                client_id.clone(),
+                Session::new(client_id.clone(), identity.cloned(), !clean_session),
+            );
+        }
+        let s = st.sessions.get_mut(client_id).expect("inserted above");
+        // A fresh kick notifier, so a kick meant for the previous connection cannot
+        // reach this one.
+        s.kick = Arc::new(Notify::new());
+        s.connection = Some(conn);
+        s.disconnected_at = 0;
+        if s.persistent {
+            if let Err(e) = self.store.put_session(&Self::session_record(s)) {
+                log_store_error(e);
+            }
+        }
+        Ok(Attached {
+            session_present: resume,
+            waker: s.waker.clone(),
+            kick: s.kick.clone(),
+            resend: s.resend_inflight(),
+        })
+    }
+
+    /// The connection went away. A clean session ends; a persistent one stays, offline.
+    pub fn detach(&self, client_id: &Arc<str>, conn: u64) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(s) = st.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.connection != Some(conn) {
+            return; // taken over already
+        }
+        if s.persistent {
+            s.connection = None;
+            s.disconnected_at = unix_now();
+            if let Err(e) = self.store.put_session(&Self::session_record(s)) {
+                log_store_error(e);
+            }
+        } else {
+            self.remove_session_locked(st, client_id);
+        }
+    }
+
+    /// Whether `conn` still owns the session.
+    pub fn owns(&self, client_id: &Arc<str>, conn: u64) -> bool {
+        self.lock()
+            .sessions
+            .get(client_id)
+            .is_some_and(|s| s.connection == Some(conn))
+    }
+
+    /// Routes a message: retained store, then every matching session. Returns whether
+    /// anything was written to the store (the caller then waits for durability before
+    /// acknowledging, in `sync` mode).
+    pub fn publish(&self, msg: Message) -> bool {
+        let msg = Arc::new(msg);
+        let mut guard = self.lock();
+        self.publish_locked(&mut guard, msg)
+    }
+
+    fn publish_locked(&self, st: &mut State, msg: Arc<Message>) -> bool {
+        let mut wrote = false;
+        // `$SYS` figures are regenerated after a restart; they are never written to disk.
+        let durable = !msg.topic.is_dollar();
+        if msg.retain {
+            match st.retained.set(msg.clone(), &self.limits) {
+                RetainOutcome::Stored | RetainOutcome::Cleared if !durable => {}
+                RetainOutcome::Stored => {
+                    let r = self.store.put_retained(&msg.to_stored(msg.qos, true));
+                    if let Err(e) = r {
+                        log_store_error(e);
+                    }
+                    wrote = true;
+                }
+                RetainOutcome::Cleared => {
+                    if let Err(e) = self.store.remove_retained(msg.topic.as_str()) {
+                        log_store_error(e);
+                    }
+                    wrote = true;
+                }
+                RetainOutcome::Refused => {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "retained_limit",
+                        topic = %msg.topic.as_str().escape_debug(),
+                        "retained message not stored: limits.max_retained_messages or limits.max_retained_bytes reached"
+                    );
+                }
+            }
+        }
+        // One delivery per session, at the highest QoS among its matching subscriptions.
+        let mut targets: Vec<(Arc<str>, QoS)> = Vec::new();
+        st.trie
+            .for_each_match(&msg.topic, |cid, q| targets.push((cid.clone(), *q)));
+        if targets.len() > 1 {
+            // Highest QoS first within each client id, then keep the first of each.
+            targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            targets.dedup_by(|later, earlier| later.0 == earlier.0);
+        }
+        for (cid, sub_qos) in targets {
+            let Some(s) = st.sessions.get_mut(&cid) else {
+                continue;
+            };
+            let qos = msg.qos.min(sub_qos);
+            wrote |= self.enqueue(s, msg.clone(), qos, false);
+        }
+        wrote
+    }
+
+    fn enqueue(&self, s: &mut Session, msg: Arc<Message>, qos: QoS, retain: bool) -> bool {
+        match s.enqueue(msg.clone(), qos, retain, &self.queue_limits) {
+            Enqueued::Queued { seq } => {
+                let mut wrote = false;
+                if s.persistent && qos != QoS::AtMostOnce {
+                    let record = crate::store::QueuedRecord {
+                        message: msg.to_stored(qos, retain),
+                        pkid: 0,
+                        released: false,
+                    };
+                    if let Err(e) = self.store.put_queued(&s.client_id, seq, &record) {
+                        log_store_error(e);
+                    }
+                    wrote = true;
+                }
+                if s.is_online() {
+                    s.waker.notify_one();
+                }
+                wrote
+            }
+            Enqueued::Skipped => false,
+            Enqueued::Dropped => {
+                Metrics::add(&self.metrics.messages_dropped, 1);
+                if s.dropped.is_power_of_two() {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "queue_full",
+                        client_id = %s.client_id.escape_debug(),
+                        dropped = s.dropped,
+                        "message dropped: the session's queue is at limits.max_queued_messages or limits.max_queued_bytes"
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// SUBSCRIBE: adds the subscriptions and queues matching retained messages. `None`
+    /// if the connection no longer owns the session.
+    pub fn subscribe(
+        &self,
+        client_id: &Arc<str>,
+        conn: u64,
+        filters: &[(TopicFilter, QoS)],
+    ) -> Option<(Vec<SubscribeReturnCode>, bool)> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.sessions.get_mut(client_id)?;
+        if s.connection != Some(conn) {
+            return None;
+        }
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut granted = Vec::new();
+        for (filter, qos) in filters {
+            if filter.level_count() > self.limits.max_topic_levels {
+                tracing::warn!(target: "audit", event = "subscribe_refused", client_id = %client_id.escape_debug(), filter = %filter.as_str().escape_debug(), reason = "too many topic levels");
+                codes.push(SubscribeReturnCode::Failure);
+                continue;
+            }
+            if !s.subscriptions.contains_key(filter)
+                && s.subscriptions.len() >= self.limits.max_subscriptions_per_client
+            {
+                tracing::warn!(target: "audit", event = "subscribe_refused", client_id = %client_id.escape_debug(), filter = %filter.as_str().escape_debug(), reason = "limits.max_subscriptions_per_client reached");
+                codes.push(SubscribeReturnCode::Failure);
+                continue;
+            }
+            s.subscriptions.insert(filter.clone(), *qos);
+            st.trie.insert(filter, client_id.clone(), *qos);
+            codes.push(SubscribeReturnCode::Success(*qos));
+            granted.push((filter.clone(), *qos));
+        }
+        let mut wrote = false;
+        if s.persistent {
+            if let Err(e) = self.store.put_session(&Self::session_record(s)) {
+                log_store_error(e);
+            }
+            wrote = true;
+        }
+        // Retained messages, with the retain flag set (§3.3.1.3).
+        for (filter, sub_qos) in granted {
+            let matching: Vec<Arc<Message>> = st.retained.matching(&filter).cloned().collect();
+            for m in matching {
+                let qos = m.qos.min(sub_qos);
+                wrote |= self.enqueue(s, m, qos, true);
+            }
+        }
+        Some((codes, wrote))
+    }
+
+    /// UNSUBSCRIBE. `None` if the connection no longer owns the session.
+    pub fn unsubscribe(
+        &self,
+        client_id: &Arc<str>,
+        conn: u64,
+        filters: &[TopicFilter],
+    ) -> Option<bool> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.sessions.get_mut(client_id)?;
+        if s.connection != Some(conn) {
+            return None;
+        }
+        for f in filters {
+            if s.subscriptions.remove(f).is_some() {
+                st.trie.remove(f, client_id);
+            }
+        }
+        if s.persistent {
+            if let Err(e) = self.store.put_session(&Self::session_record(s)) {
+                log_store_error(e);
+            }
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    /// Applies acknowledgements and incoming QoS 2 bookkeeping, then collects what can be
+    /// sent now. `f` gets the session. `None` if the connection no longer owns it.
+    pub fn with_session<R>(
+        &self,
+        client_id: &Arc<str>,
+        conn: u64,
+        f: impl FnOnce(&mut SessionOps<'_>) -> R,
+    ) -> Option<R> {
+        let mut guard = self.lock();
+        let s = guard.sessions.get_mut(client_id)?;
+        if s.connection != Some(conn) {
+            return None;
+        }
+        let mut ops = SessionOps {
+            router: self,
+            session: s,
+            wrote: false,
+        };
+        Some(f(&mut ops))
+    }
+
+    /// Removes persistent sessions whose client has been away longer than
+    /// `limits.session_expiry_secs`. Returns how many were removed.
+    pub fn expire_sessions(&self, now_unix: u64) -> usize {
+        let expiry = self.limits.session_expiry_secs;
+        if expiry == 0 {
+            return 0;
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let expired: Vec<Arc<str>> = st
+            .sessions
+            .values()
+            .filter(|s| {
+                s.connection.is_none()
+                    && s.disconnected_at != 0
+                    && now_unix.saturating_sub(s.disconnected_at) >= expiry
+            })
+            .map(|s| s.client_id.clone())
+            .collect();
+        for cid in &expired {
+            tracing::info!(client_id = %cid.escape_debug(), "persistent session expired");
+            self.remove_session_locked(st, cid);
+        }
+        expired.len()
+    }
+
+    /// Figures for `$SYS` and tests.
+    pub fn stats(&self) -> RouterStats {
+        let st = self.lock();
+        RouterStats {
+            sessions: st.sessions.len(),
+            subscriptions: st.trie.len(),
+            retained: st.retained.len(),
+            retained_bytes: st.retained.bytes(),
+        }
+    }
+
+    /// Marks every connected session offline (used at shutdown so a restart finds them
+    /// with a proper `disconnected_at`).
+    pub fn detach_all(&self) {
+        let mut guard = self.lock();
+        let now = unix_now();
+        for s in guard.sessions.values_mut() {
+            if s.connection.take().is_some() && s.persistent {
+                s.disconnected_at = now;
+                if let Err(e) = self.store.put_session(&Self::session_record(s)) {
+                    log_store_error(e);
+                }
+            }
+        }
+    }
+}
+
+/// Figures about the router's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterStats {
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub retained: usize,
+    pub retained_bytes: usize,
+}
+
+/// A session borrowed under the router lock, with its persistence wired in.
+pub struct SessionOps<'a> {
+    router: &'a Router,
+    session: &'a mut Session,
+    /// Whether anything was written to the store.
+    pub wrote: bool,
+}
+
+impl SessionOps<'_> {
+    fn apply(&mut self, change: Option<QueueChange>) -> bool {
+        match change {
+            Some(c) => {
+                if self.session.persistent {
+                    self.router.persist_change(&self.session.client_id, c);
+                    self.wrote = true;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn on_puback(&mut self, pkid: u16) -> bool {
+        let c = self.session.on_puback(pkid);
+        self.apply(c)
+    }
+
+    pub fn on_pubrec(&mut self, pkid: u16) -> bool {
+        let c = self.session.on_pubrec(pkid);
+        self.apply(c)
+    }
+
+    pub fn on_pubcomp(&mut self, pkid: u16) -> bool {
+        let c = self.session.on_pubcomp(pkid);
+        self.apply(c)
+    }
+
+    pub fn incoming_qos2(&mut self, pkid: u16) -> bool {
+        self.session.incoming_qos2(pkid)
+    }
+
+    pub fn incoming_pubrel(&mut self, pkid: u16) {
+        self.session.incoming_pubrel(pkid)
+    }
+
+    /// Moves sendable messages into `out` (within the in-flight window).
+    pub fn drain_outgoing(&mut self, out: &mut Vec<Packet>) {
+        let limits = *self.router.queue_limits();
+        while let Some((packet, change)) = self.session.next_outgoing(&limits) {
+            self.apply(change);
+            out.push(packet);
+        }
+    }
+}
+
+/// CONNACK refusal for an attach error.
+pub fn attach_refusal(e: AttachError) -> ConnectReturnCode {
+    match e {
+        AttachError::OwnedByAnotherIdentity => ConnectReturnCode::IdentifierRejected,
+    }
+}

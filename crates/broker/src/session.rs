@@ -1,0 +1,482 @@
+//! One MQTT session as a state machine with no I/O: what is queued for the client, what is
+//! in flight and in which QoS state, which QoS 2 packet ids the client has in flight
+//! toward us, and its subscriptions. The connection task feeds it acknowledgements and
+//! asks it for the next packets to send; the router feeds it messages.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bulwark_protocol::{Packet, Publish, QoS, TopicFilter, TopicName};
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::store::{QueuedRecord, StoredMessage};
+
+/// An application message as routed: shared by every session it is delivered to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: QoS,
+    /// Retain flag it was published with.
+    pub retain: bool,
+}
+
+impl Message {
+    pub fn to_stored(&self, qos: QoS, retain: bool) -> StoredMessage {
+        StoredMessage {
+            topic: self.topic.as_str().to_string(),
+            payload: self.payload.clone(),
+            qos,
+            retain,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Queued {
+    seq: u64,
+    msg: Arc<Message>,
+    qos: QoS,
+    retain: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Inflight {
+    seq: u64,
+    pkid: u16,
+    msg: Arc<Message>,
+    qos: QoS,
+    retain: bool,
+    /// QoS 2 only: PUBREC received, PUBREL sent.
+    released: bool,
+}
+
+/// The bounds a session enforces on what is queued for it.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_inflight: usize,
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+/// What happened to a message offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Queued under this sequence number.
+    Queued { seq: u64 },
+    /// QoS 0 to a client that is not connected: not kept (as Mosquitto does by default).
+    Skipped,
+    /// The queue is at its bound: the message is dropped and counted.
+    Dropped,
+}
+
+/// A change to persist for a persistent session's queued message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueChange {
+    Put { seq: u64, record: QueuedRecord },
+    Remove { seq: u64 },
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: Arc<str>,
+    /// The authenticated identity that owns the session (certificate CN), if any.
+    pub identity: Option<Arc<str>>,
+    /// Kept after the client goes away (CONNECT with clean session 0).
+    pub persistent: bool,
+    pub subscriptions: HashMap<TopicFilter, QoS>,
+    /// The live connection, if any.
+    pub connection: Option<u64>,
+    /// Unix seconds when the client went away; 0 while connected.
+    pub disconnected_at: u64,
+    /// Wakes the connection task when there is something to send.
+    pub waker: Arc<Notify>,
+    /// Tells the connection task that its session was taken over.
+    pub kick: Arc<Notify>,
+    pending: VecDeque<Queued>,
+    inflight: VecDeque<Inflight>,
+    queued_bytes: usize,
+    incoming_qos2: HashSet<u16>,
+    next_pkid: u16,
+    next_seq: u64,
+    /// Messages dropped because the queue was full.
+    pub dropped: u64,
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>, identity: Option<Arc<str>>, persistent: bool) -> Session {
+        Session {
+            client_id,
+            identity,
+            persistent,
+            subscriptions: HashMap::new(),
+            connection: None,
+            disconnected_at: 0,
+            waker: Arc::new(Notify::new()),
+            kick: Arc::new(Notify::new()),
+            pending: VecDeque::new(),
+            inflight: VecDeque::new(),
+            queued_bytes: 0,
+            incoming_qos2: HashSet::new(),
+            next_pkid: 1,
+            next_seq: 1,
+            dropped: 0,
+        }
+    }
+
+    /// Rebuilds queued state from the store. Records that had been sent go back in flight
+    /// with their packet id, so they are resent with DUP when the client returns.
+    pub fn restore_queue(&mut self, records: Vec<(u64, QueuedRecord)>) {
+        for (seq, rec) in records {
+            let Ok(topic) = TopicName::new(&rec.message.topic) else {
+                continue;
+            };
+            let msg = Arc::new(Message {
+                topic,
+                payload: rec.message.payload.clone(),
+                qos: rec.message.qos,
+                retain: rec.message.retain,
+            });
+            self.queued_bytes += msg.payload.len();
+            self.next_seq = self.next_seq.max(seq + 1);
+            if rec.pkid != 0 && rec.message.qos != QoS::AtMostOnce {
+                self.next_pkid = rec.pkid.wrapping_add(1).max(1);
+                self.inflight.push_back(Inflight {
+                    seq,
+                    pkid: rec.pkid,
+                    qos: rec.message.qos,
+                    retain: rec.message.retain,
+                    msg,
+                    released: rec.released,
+                });
+            } else {
+                self.pending.push_back(Queued {
+                    seq,
+                    qos: rec.message.qos,
+                    retain: rec.message.retain,
+                    msg,
+                });
+            }
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.connection.is_some()
+    }
+
+    /// Messages queued or in flight.
+    pub fn queue_len(&self) -> usize {
+        self.pending.len() + self.inflight.len()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Offers a message at delivery QoS `qos`. Never blocks: a full queue drops.
+    pub fn enqueue(
+        &mut self,
+        msg: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        limits: &QueueLimits,
+    ) -> Enqueued {
+        if qos == QoS::AtMostOnce && !self.is_online() {
+            return Enqueued::Skipped;
+        }
+        if self.queue_len() >= limits.max_messages
+            || self.queued_bytes + msg.payload.len() > limits.max_bytes
+        {
+            self.dropped += 1;
+            return Enqueued::Dropped;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queued_bytes += msg.payload.len();
+        self.pending.push_back(Queued {
+            seq,
+            msg,
+            qos,
+            retain,
+        });
+        Enqueued::Queued { seq }
+    }
+
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.inflight.iter().any(|f| f.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    /// The next PUBLISH to send, if the in-flight window allows. For QoS 1 and 2 the
+    /// message moves in flight; the change to persist is returned with it.
+    pub fn next_outgoing(&mut self, limits: &QueueLimits) -> Option<(Packet, Option<QueueChange>)> {
+        let front = self.pending.front()?;
+        if front.qos != QoS::AtMostOnce && self.inflight.len() >= limits.max_inflight {
+            return None;
+        }
+        let q = self.pending.pop_front()?;
+        if q.qos == QoS::AtMostOnce {
+            self.queued_bytes -= q.msg.payload.len();
+            let packet = publish_packet(&q.msg, q.qos, q.retain, None, false);
+            return Some((packet, None));
+        }
+        let pkid = self.allocate_pkid();
+        let packet = publish_packet(&q.msg, q.qos, q.retain, Some(pkid), false);
+        let change = QueueChange::Put {
+            seq: q.seq,
+            record: QueuedRecord {
+                message: q.msg.to_stored(q.qos, q.retain),
+                pkid,
+                released: false,
+            },
+        };
+        self.inflight.push_back(Inflight {
+            seq: q.seq,
+            pkid,
+            msg: q.msg,
+            qos: q.qos,
+            retain: q.retain,
+            released: false,
+        });
+        Some((packet, Some(change)))
+    }
+
+    /// Packets to resend when a client resumes this session: unacknowledged PUBLISHes
+    /// with DUP and their original packet ids, PUBRELs for released QoS 2 messages.
+    pub fn resend_inflight(&self) -> Vec<Packet> {
+        self.inflight
+            .iter()
+            .map(|f| {
+                if f.released {
+                    Packet::PubRel(f.pkid)
+                } else {
+                    publish_packet(&f.msg, f.qos, f.retain, Some(f.pkid), true)
+                }
+            })
+            .collect()
+    }
+
+    fn complete(&mut self, idx: usize) -> QueueChange {
+        let done = self.inflight.remove(idx).expect("index from position()");
+        self.queued_bytes -= done.msg.payload.len();
+        QueueChange::Remove { seq: done.seq }
+    }
+
+    /// PUBACK from the client. `None` if no QoS 1 message is in flight under `pkid`.
+    pub fn on_puback(&mut self, pkid: u16) -> Option<QueueChange> {
+        let idx = self
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.qos == QoS::AtLeastOnce)?;
+        Some(self.complete(idx))
+    }
+
+    /// PUBREC from the client: the message becomes released; answer with PUBREL.
+    pub fn on_pubrec(&mut self, pkid: u16) -> Option<QueueChange> {
+        let f = self
+            .inflight
+            .iter_mut()
+            .find(|f| f.pkid == pkid && f.qos == QoS::ExactlyOnce)?;
+        f.released = true;
+        Some(QueueChange::Put {
+            seq: f.seq,
+            record: QueuedRecord {
+                message: f.msg.to_stored(f.qos, f.retain),
+                pkid,
+                released: true,
+            },
+        })
+    }
+
+    /// PUBCOMP from the client ends a QoS 2 delivery.
+    pub fn on_pubcomp(&mut self, pkid: u16) -> Option<QueueChange> {
+        let idx = self
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.qos == QoS::ExactlyOnce && f.released)?;
+        Some(self.complete(idx))
+    }
+
+    /// A QoS 2 PUBLISH from the client. Returns true the first time a packet id is seen
+    /// (route the message), false for a redelivery before PUBREL (do not route again).
+    pub fn incoming_qos2(&mut self, pkid: u16) -> bool {
+        self.incoming_qos2.insert(pkid)
+    }
+
+    /// PUBREL from the client releases the packet id.
+    pub fn incoming_pubrel(&mut self, pkid: u16) {
+        self.incoming_qos2.remove(&pkid);
+    }
+
+    /// Drops everything queued (used when a clean session replaces this one).
+    pub fn clear_queue(&mut self) {
+        self.pending.clear();
+        self.inflight.clear();
+        self.queued_bytes = 0;
+        self.incoming_qos2.clear();
+    }
+}
+
+fn publish_packet(msg: &Message, qos: QoS, retain: bool, pkid: Option<u16>, dup: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup,
+        qos,
+        retain,
+        topic: msg.topic.clone(),
+        pkid,
+        payload: msg.payload.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: QueueLimits = QueueLimits {
+        max_inflight: 2,
+        max_messages: 4,
+        max_bytes: 1000,
+    };
+
+    fn msg(topic: &str, qos: QoS) -> Arc<Message> {
+        Arc::new(Message {
+            topic: TopicName::new(topic).unwrap(),
+            payload: Bytes::from_static(b"0123456789"),
+            qos,
+            retain: false,
+        })
+    }
+
+    fn online() -> Session {
+        let mut s = Session::new("c".into(), None, true);
+        s.connection = Some(1);
+        s
+    }
+
+    fn pkid_of(p: &Packet) -> Option<u16> {
+        match p {
+            Packet::Publish(p) => p.pkid,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn inflight_window_holds_back_qos1_in_order() {
+        let mut s = online();
+        for _ in 0..3 {
+            s.enqueue(msg("t", QoS::AtLeastOnce), QoS::AtLeastOnce, false, &LIMITS);
+        }
+        let (p1, c1) = s.next_outgoing(&LIMITS).unwrap();
+        let (p2, _) = s.next_outgoing(&LIMITS).unwrap();
+        assert!(s.next_outgoing(&LIMITS).is_none(), "window of 2 is full");
+        assert!(matches!(c1, Some(QueueChange::Put { seq: 1, .. })));
+        let (a, b) = (pkid_of(&p1).unwrap(), pkid_of(&p2).unwrap());
+        assert_ne!(a, b);
+        assert_eq!(s.on_puback(a), Some(QueueChange::Remove { seq: 1 }));
+        assert_eq!(s.on_puback(a), None, "a second PUBACK is ignored");
+        let (p3, _) = s.next_outgoing(&LIMITS).unwrap();
+        assert!(pkid_of(&p3).is_some());
+        assert_eq!(s.queue_len(), 2);
+    }
+
+    #[test]
+    fn queue_bounds_drop_and_count() {
+        let mut s = online();
+        for _ in 0..4 {
+            assert!(matches!(
+                s.enqueue(msg("t", QoS::AtLeastOnce), QoS::AtLeastOnce, false, &LIMITS),
+                Enqueued::Queued { .. }
+            ));
+        }
+        assert_eq!(
+            s.enqueue(msg("t", QoS::AtLeastOnce), QoS::AtLeastOnce, false, &LIMITS),
+            Enqueued::Dropped
+        );
+        assert_eq!(s.dropped, 1);
+        let small = QueueLimits {
+            max_bytes: 25,
+            ..LIMITS
+        };
+        let mut s = online();
+        s.enqueue(msg("t", QoS::AtMostOnce), QoS::AtMostOnce, false, &small);
+        s.enqueue(msg("t", QoS::AtMostOnce), QoS::AtMostOnce, false, &small);
+        assert_eq!(
+            s.enqueue(msg("t", QoS::AtMostOnce), QoS::AtMostOnce, false, &small),
+            Enqueued::Dropped,
+            "third 10-byte payload exceeds 25 bytes"
+        );
+        s.next_outgoing(&small).unwrap();
+        assert_eq!(s.queued_bytes(), 10);
+    }
+
+    #[test]
+    fn qos0_is_not_queued_offline() {
+        let mut s = Session::new("c".into(), None, true);
+        assert_eq!(
+            s.enqueue(msg("t", QoS::AtMostOnce), QoS::AtMostOnce, false, &LIMITS),
+            Enqueued::Skipped
+        );
+        assert!(matches!(
+            s.enqueue(msg("t", QoS::AtLeastOnce), QoS::AtLeastOnce, false, &LIMITS),
+            Enqueued::Queued { .. }
+        ));
+    }
+
+    #[test]
+    fn qos2_outbound_flow_and_resend() {
+        let mut s = online();
+        s.enqueue(msg("t", QoS::ExactlyOnce), QoS::ExactlyOnce, false, &LIMITS);
+        let (p, _) = s.next_outgoing(&LIMITS).unwrap();
+        let id = pkid_of(&p).unwrap();
+        assert_eq!(s.on_puback(id), None, "PUBACK does not complete QoS 2");
+        assert_eq!(s.on_pubcomp(id), None, "PUBCOMP before PUBREC is ignored");
+        let resend = s.resend_inflight();
+        assert!(matches!(&resend[0], Packet::Publish(p) if p.dup && p.pkid == Some(id)));
+        assert!(
+            matches!(s.on_pubrec(id), Some(QueueChange::Put { record, .. }) if record.released)
+        );
+        assert_eq!(s.resend_inflight(), vec![Packet::PubRel(id)]);
+        assert_eq!(s.on_pubcomp(id), Some(QueueChange::Remove { seq: 1 }));
+        assert_eq!(s.queue_len(), 0);
+    }
+
+    #[test]
+    fn incoming_qos2_is_routed_once() {
+        let mut s = online();
+        assert!(s.incoming_qos2(5));
+        assert!(!s.incoming_qos2(5));
+        s.incoming_pubrel(5);
+        assert!(s.incoming_qos2(5));
+    }
+
+    #[test]
+    fn restore_puts_sent_records_back_in_flight() {
+        let mut s = Session::new("c".into(), None, true);
+        let rec = |pkid| QueuedRecord {
+            message: msg("t", QoS::AtLeastOnce).to_stored(QoS::AtLeastOnce, false),
+            pkid,
+            released: false,
+        };
+        s.restore_queue(vec![(3, rec(9)), (4, rec(0))]);
+        let resend = s.resend_inflight();
+        assert_eq!(resend.len(), 1);
+        assert!(matches!(&resend[0], Packet::Publish(p) if p.dup && p.pkid == Some(9)));
+        s.connection = Some(1);
+        let (p, c) = s.next_outgoing(&LIMITS).unwrap();
+        assert_ne!(pkid_of(&p), Some(9));
+        assert!(matches!(c, Some(QueueChange::Put { seq: 4, .. })));
+        let r = s.enqueue(msg("t", QoS::AtLeastOnce), QoS::AtLeastOnce, false, &LIMITS);
+        assert_eq!(
+            r,
+            Enqueued::Queued { seq: 5 },
+            "sequence continues after restore"
+        );
+    }
+}

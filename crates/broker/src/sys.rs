@@ -1,0 +1,103 @@
+//! `$SYS/broker/...`: broker figures published as retained messages every
+//! `sys.interval_secs`. Clients may read these topics (a `#` subscription does not match
+//! them, §4.7.2) but never write them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_protocol::{QoS, TopicName};
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::config::SysConfig;
+use crate::router::{Metrics, Router};
+use crate::session::Message;
+
+/// The topics and their current values.
+pub fn snapshot(router: &Router) -> Vec<(&'static str, String)> {
+    let m = &router.metrics;
+    let stats = router.stats();
+    vec![
+        (
+            "$SYS/broker/version",
+            format!("bulwark-broker {}", crate::VERSION),
+        ),
+        (
+            "$SYS/broker/uptime",
+            format!("{} seconds", router.started.elapsed().as_secs()),
+        ),
+        (
+            "$SYS/broker/clients/connected",
+            Metrics::get(&m.clients_connected).to_string(),
+        ),
+        ("$SYS/broker/clients/total", stats.sessions.to_string()),
+        (
+            "$SYS/broker/connections/total",
+            Metrics::get(&m.connections_total).to_string(),
+        ),
+        (
+            "$SYS/broker/connections/refused",
+            Metrics::get(&m.connections_refused).to_string(),
+        ),
+        (
+            "$SYS/broker/messages/received",
+            Metrics::get(&m.messages_received).to_string(),
+        ),
+        (
+            "$SYS/broker/messages/sent",
+            Metrics::get(&m.messages_sent).to_string(),
+        ),
+        (
+            "$SYS/broker/messages/dropped",
+            Metrics::get(&m.messages_dropped).to_string(),
+        ),
+        (
+            "$SYS/broker/bytes/received",
+            Metrics::get(&m.bytes_received).to_string(),
+        ),
+        (
+            "$SYS/broker/bytes/sent",
+            Metrics::get(&m.bytes_sent).to_string(),
+        ),
+        (
+            "$SYS/broker/subscriptions/count",
+            stats.subscriptions.to_string(),
+        ),
+        (
+            "$SYS/broker/retained messages/count",
+            stats.retained.to_string(),
+        ),
+        (
+            "$SYS/broker/protocol_errors",
+            Metrics::get(&m.protocol_errors).to_string(),
+        ),
+    ]
+}
+
+/// Publishes the current figures once.
+pub fn publish_once(router: &Router) {
+    for (topic, value) in snapshot(router) {
+        let Ok(topic) = TopicName::new(topic) else {
+            continue;
+        };
+        router.publish(Message {
+            topic,
+            payload: Bytes::from(value),
+            qos: QoS::AtMostOnce,
+            retain: true,
+        });
+    }
+}
+
+pub async fn run(router: Arc<Router>, config: SysConfig, mut shutdown: watch::Receiver<bool>) {
+    if config.interval_secs == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(config.interval_secs));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => publish_once(&router),
+        }
+    }
+}

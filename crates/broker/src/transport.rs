@@ -1,0 +1,140 @@
+//! The byte streams MQTT runs over: plain TCP (loopback), TLS, and WebSocket over TLS.
+//! A connection task sees one [`Transport`] with cancel-safe reads into its buffer and
+//! whole writes, whatever is underneath.
+
+use std::io;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+pub enum Transport {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Wss(Box<WebSocketStream<TlsStream<TcpStream>>>),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp(_) => "Transport::Tcp",
+            Transport::Tls(_) => "Transport::Tls",
+            Transport::Wss(_) => "Transport::Wss",
+        })
+    }
+}
+
+/// Upgrades a TLS stream to MQTT over WebSocket: the request path must be `path` and the
+/// client must offer the `mqtt` subprotocol (MQTT 3.1.1 §6.0), which the reply selects.
+pub async fn accept_websocket(
+    stream: TlsStream<TcpStream>,
+    path: &str,
+    max_message: usize,
+) -> Result<Transport, io::Error> {
+    #[allow(clippy::result_large_err)] // the error type is tungstenite's
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != path {
+            let mut e =
+                ErrorResponse::new(Some(format!("no MQTT endpoint at {}", req.uri().path())));
+            *e.status_mut() = StatusCode::NOT_FOUND;
+            return Err(e);
+        }
+        let offered = req
+            .headers()
+            .get_all("Sec-WebSocket-Protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("mqtt"));
+        if !offered {
+            let mut e = ErrorResponse::new(Some(
+                "the WebSocket subprotocol \"mqtt\" is required".into(),
+            ));
+            *e.status_mut() = StatusCode::BAD_REQUEST;
+            return Err(e);
+        }
+        resp.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        Ok(resp)
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
+        .await
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("websocket handshake: {e}"),
+            )
+        })?;
+    Ok(Transport::Wss(Box::new(ws)))
+}
+
+fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl Transport {
+    /// Reads available bytes into `buf`; `Ok(0)` at end of stream. Cancel-safe.
+    pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.read_buf(buf).await,
+            Transport::Tls(s) => s.read_buf(buf).await,
+            Transport::Wss(ws) => loop {
+                match ws.next().await {
+                    None => return Ok(0),
+                    Some(Err(e)) => return Err(ws_err(e)),
+                    Some(Ok(Message::Binary(b))) => {
+                        if b.is_empty() {
+                            continue;
+                        }
+                        buf.extend_from_slice(&b);
+                        return Ok(b.len());
+                    }
+                    Some(Ok(Message::Close(_))) => return Ok(0),
+                    Some(Ok(Message::Text(_))) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "MQTT over WebSocket must use binary frames",
+                        ))
+                    }
+                    // tungstenite queues the pong; flushing sends it.
+                    Some(Ok(Message::Ping(_))) => ws.flush().await.map_err(ws_err)?,
+                    Some(Ok(_)) => {}
+                }
+            },
+        }
+    }
+
+    /// Writes all of `data` (one WebSocket binary message on `wss`).
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Transport::Tcp(s) => s.write_all(data).await,
+            Transport::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Transport::Wss(ws) => ws
+                .send(Message::Binary(bytes::Bytes::copy_from_slice(data)))
+                .await
+                .map_err(ws_err),
+        }
+    }
+
+    /// Closes the stream politely (TLS close_notify, WebSocket close frame).
+    pub async fn shutdown(&mut self) {
+        let _ = match self {
+            Transport::Tcp(s) => s.shutdown().await,
+            Transport::Tls(s) => s.shutdown().await,
+            Transport::Wss(ws) => ws.close(None).await.map_err(ws_err),
+        };
+    }
+}
