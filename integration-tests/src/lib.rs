@@ -629,3 +629,183 @@ pub fn require_program(name: &str, install_hint: &str) {
         "{name} is not installed: {install_hint} (.ci/run installs it)"
     );
 }
+
+/// rumqttc helpers: a client whose event loop runs in a task and forwards every event.
+pub mod mqtt {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    pub use rumqttc::{
+        AsyncClient, ConnectReturnCode, Event, Incoming, LastWill, MqttOptions, Publish, QoS,
+        TlsConfiguration, Transport,
+    };
+    use tokio::sync::mpsc;
+
+    /// How a test client reaches the broker.
+    #[derive(Clone)]
+    pub enum Via {
+        Tcp(SocketAddr),
+        Tls(SocketAddr, Arc<rustls::ClientConfig>),
+        /// WebSocket over TLS: address and path.
+        Wss(SocketAddr, Arc<rustls::ClientConfig>),
+    }
+
+    pub fn options(client_id: &str, via: &Via) -> MqttOptions {
+        let mut o = match via {
+            Via::Tcp(a) => MqttOptions::new(client_id, a.ip().to_string(), a.port()),
+            Via::Tls(a, tls) => {
+                let mut o = MqttOptions::new(client_id, "localhost", a.port());
+                o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+                o
+            }
+            Via::Wss(a, tls) => {
+                let mut o = MqttOptions::new(
+                    client_id,
+                    format!("wss://localhost:{}/mqtt", a.port()),
+                    a.port(),
+                );
+                o.set_transport(Transport::wss_with_config(TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+                o
+            }
+        };
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o
+    }
+
+    /// A connected client and the stream of its events.
+    pub struct Client {
+        pub client: AsyncClient,
+        pub events: mpsc::UnboundedReceiver<Result<Event, String>>,
+        pub session_present: bool,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Client {
+        /// Connects and waits for CONNACK. `Err` with the reason if refused or failed.
+        pub async fn connect(opts: MqttOptions) -> Result<Client, String> {
+            let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+            let (tx, mut events) = mpsc::unbounded_channel();
+            let task = tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(ev) => {
+                            if tx.send(Ok(ev)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+            });
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Err(_) => return Err("no CONNACK within 15 s".into()),
+                    Ok(None) => return Err("event loop ended".into()),
+                    Ok(Some(Err(e))) => return Err(e),
+                    Ok(Some(Ok(Event::Incoming(Incoming::ConnAck(ack))))) => {
+                        if ack.code != ConnectReturnCode::Success {
+                            return Err(format!("refused: {:?}", ack.code));
+                        }
+                        return Ok(Client {
+                            client,
+                            events,
+                            session_present: ack.session_present,
+                            task,
+                        });
+                    }
+                    Ok(Some(Ok(_))) => {}
+                }
+            }
+        }
+
+        /// Waits for the next incoming PUBLISH.
+        pub async fn next_publish(&mut self, timeout: Duration) -> Option<Publish> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(Incoming::Publish(p))))) => return Some(p),
+                    Ok(Some(Ok(_))) => {}
+                    _ => return None,
+                }
+            }
+        }
+
+        /// Waits for an incoming packet matching `pred`.
+        pub async fn wait_incoming(
+            &mut self,
+            timeout: Duration,
+            pred: impl Fn(&Incoming) -> bool,
+        ) -> Option<Incoming> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                    Ok(Some(Ok(Event::Incoming(p)))) if pred(&p) => return Some(p),
+                    Ok(Some(Ok(_))) => {}
+                    _ => return None,
+                }
+            }
+        }
+
+        /// Subscribes and waits for the SUBACK.
+        pub async fn subscribe(
+            &mut self,
+            filter: &str,
+            qos: QoS,
+        ) -> Vec<rumqttc::SubscribeReasonCode> {
+            self.client.subscribe(filter, qos).await.unwrap();
+            match self
+                .wait_incoming(Duration::from_secs(10), |p| {
+                    matches!(p, Incoming::SubAck(_))
+                })
+                .await
+            {
+                Some(Incoming::SubAck(a)) => a.return_codes,
+                _ => panic!("no SUBACK for {filter}"),
+            }
+        }
+
+        /// Publishes and, for QoS 1/2, waits for the PUBACK/PUBCOMP.
+        pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+            self.client
+                .publish(topic, qos, retain, payload.to_vec())
+                .await
+                .unwrap();
+            let want: fn(&Incoming) -> bool = match qos {
+                QoS::AtMostOnce => return,
+                QoS::AtLeastOnce => |p| matches!(p, Incoming::PubAck(_)),
+                QoS::ExactlyOnce => |p| matches!(p, Incoming::PubComp(_)),
+            };
+            assert!(
+                self.wait_incoming(Duration::from_secs(10), want)
+                    .await
+                    .is_some(),
+                "no acknowledgement for {topic} at {qos:?}"
+            );
+        }
+
+        /// Sends DISCONNECT and waits for the event loop to finish.
+        pub async fn disconnect(mut self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some(Ok(_)) = self.events.recv().await {}
+            })
+            .await;
+            self.task.abort();
+        }
+
+        /// Drops the network connection without DISCONNECT (an abnormal end).
+        pub fn drop_connection(self) {
+            self.task.abort();
+        }
+    }
+}

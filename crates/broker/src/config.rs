@@ -314,7 +314,7 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let key = format!("listener[{i}]");
-            if !seen.insert(l.bind) {
+            if l.bind.port() != 0 && !seen.insert(l.bind) {
                 return Err(self.invalid(
                     format!("{key}.bind"),
                     format!(

@@ -595,7 +595,9 @@ impl Connection {
                 Metrics::add(&router.metrics.messages_received, 1);
                 let msg = Message {
                     topic: p.topic,
-                    payload: p.payload,
+                    // The decoded payload is a view into the read buffer; a copy keeps a
+                    // small retained or queued message from pinning a whole buffer.
+                    payload: bytes::Bytes::copy_from_slice(&p.payload),
                     qos: p.qos,
                     retain: p.retain,
                 };

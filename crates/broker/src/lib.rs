@@ -230,7 +230,11 @@ impl Broker {
 }
 
 async fn expiry_loop(router: Arc<Router>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    // Check often enough that a session outlives its expiry by at most a quarter of it
+    // (and never more than a minute); the first check runs at start-up.
+    let expiry = router.limits().session_expiry_secs;
+    let period = Duration::from_secs((expiry / 4).clamp(1, 60));
+    let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,

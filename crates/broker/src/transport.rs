@@ -134,7 +134,7 @@ impl Transport {
         let _ = match self {
             Transport::Tcp(s) => s.shutdown().await,
             Transport::Tls(s) => s.shutdown().await,
-            Transport::Wss(ws) => ws.close(None).await.map_err(ws_err),
+            Transport::Wss(ws) => (**ws).close(None).await.map_err(ws_err),
         };
     }
 }
