@@ -140,6 +140,9 @@ impl SledStore {
     /// Opens (or creates) the store at `path`. Never moves anything aside: see
     /// [`SledStore::open_or_recover`].
     pub fn open(path: &Path, cache_capacity: u64) -> Result<SledStore, StoreError> {
+        // sled recovers from torn or garbled segments by dropping them; a store whose
+        // files exist but whose format version is gone was damaged, not new.
+        let preexisting = std::fs::metadata(path.join("db")).is_ok_and(|m| m.len() > 0);
         create_private_dir(path)?;
         let db = sled::Config::new()
             .path(path)
@@ -167,6 +170,13 @@ impl SledStore {
                 }
             }
             None => {
+                if preexisting {
+                    return Err(StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        detail: "the store files exist but their format version cannot be read"
+                            .into(),
+                    });
+                }
                 if !(retained.is_empty() && sessions.is_empty() && queue.is_empty()) {
                     return Err(StoreError::Corrupt {
                         path: path.to_path_buf(),
@@ -590,6 +600,20 @@ pub mod wire {
 mod tests {
     use super::*;
 
+    /// sled's background threads may hold the file lock for a moment after a `Db` in
+    /// this process is dropped; a new process never sees that.
+    fn retry_locked<T>(f: impl Fn() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match f() {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn msg(topic: &str, payload: &'static [u8]) -> StoredMessage {
         StoredMessage {
             topic: topic.into(),
@@ -668,7 +692,7 @@ mod tests {
             s.remove_queued("c", 300).unwrap();
             s.flush().unwrap();
         }
-        let s = SledStore::open(&path, 1 << 20).unwrap();
+        let s = retry_locked(|| SledStore::open(&path, 1 << 20)).unwrap();
         let snap = s.load().unwrap();
         assert_eq!(snap.retained, vec![msg("r/1", b"x")]);
         let c = snap
@@ -708,7 +732,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let err = SledStore::open_or_recover(&path, 1 << 20).unwrap_err();
+        let err = retry_locked(|| SledStore::open_or_recover(&path, 1 << 20)).unwrap_err();
         assert!(
             matches!(err, StoreError::UnknownVersion { found: 99, .. }),
             "{err}"
@@ -724,7 +748,7 @@ mod tests {
             s.retained.insert("t", &[1u8, 7, 7][..]).unwrap();
             s.flush().unwrap();
         }
-        let (s, snap) = SledStore::open_or_recover(&path, 1 << 20).unwrap();
+        let (s, snap) = retry_locked(|| SledStore::open_or_recover(&path, 1 << 20)).unwrap();
         assert!(snap.retained.is_empty());
         drop(s);
         let names: Vec<String> = std::fs::read_dir(dir.path())
