@@ -499,6 +499,12 @@ fn decode_body(header: &FixedHeader, mut r: Reader) -> Result<Packet, DecodeErro
 
 fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let name = r.binary()?;
+    if &name[..] == b"MQIsdp" {
+        // An MQTT 3.1 client: tell it the version is unacceptable (§3.1.2.2, and what
+        // Mosquitto answers) rather than just closing.
+        let level = r.u8()?;
+        return Err(DecodeError::UnacceptableProtocolLevel(level));
+    }
     if &name[..] != b"MQTT" {
         let mut shown = String::from_utf8_lossy(&name).into_owned();
         if let Some((cut, _)) = shown.char_indices().nth(32) {
@@ -1191,14 +1197,8 @@ mod tests {
                 &cat(&[&s(name), &[level, 0x02, 0, 60], &s("c")]),
             ))
         };
-        assert_eq!(
-            with("MQIsdp", 3),
-            DecodeError::InvalidProtocolName("MQIsdp".into())
-        );
-        assert_eq!(
-            with("MQIsdp", 4),
-            DecodeError::InvalidProtocolName("MQIsdp".into())
-        );
+        assert_eq!(with("MQIsdp", 3), DecodeError::UnacceptableProtocolLevel(3));
+        assert_eq!(with("MQIsdp", 4), DecodeError::UnacceptableProtocolLevel(4));
         assert_eq!(
             with("mqtt", 4),
             DecodeError::InvalidProtocolName("mqtt".into())
@@ -1209,7 +1209,10 @@ mod tests {
             with("MQTT", 5).connack_code(),
             Some(ConnectReturnCode::UnacceptableProtocolVersion)
         );
-        assert_eq!(with("MQIsdp", 3).connack_code(), None);
+        assert_eq!(
+            with("MQIsdp", 3).connack_code(),
+            Some(ConnectReturnCode::UnacceptableProtocolVersion)
+        );
         // An MQTT 5 CONNECT (properties after keep alive) still gets "unacceptable level".
         let v5 = packet(0x10, &cat(&[&s("MQTT"), &[5, 0x02, 0, 60, 0], &s("c")]));
         assert_eq!(err(&v5), DecodeError::UnacceptableProtocolLevel(5));
