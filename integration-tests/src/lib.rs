@@ -47,6 +47,7 @@ pub fn workspace_root() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct ClientCert {
     pub name: String,
+    pub serial: u64,
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
     pub cert_pem: String,
@@ -61,6 +62,9 @@ pub struct TestPki {
     pub ca_path: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// An empty CRL at first; [`TestPki::revoke`] rewrites it.
+    pub crl_path: PathBuf,
+    crl_number: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for TestPki {
@@ -90,13 +94,41 @@ impl TestPki {
         std::fs::write(&ca_path, ca.cert_pem()).unwrap();
         std::fs::write(&server_cert, &server.cert_pem).unwrap();
         write_private(&server_key, &server.key_pem);
+        let crl_path = dir.path().join("crl.pem");
+        std::fs::write(&crl_path, ca.crl_pem(&[], 1).unwrap()).unwrap();
         TestPki {
             dir,
             ca,
             ca_path,
             server_cert,
             server_key,
+            crl_path,
+            crl_number: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// Rewrites the CRL (atomically, by rename) so that it revokes exactly `serials`.
+    pub fn revoke(&self, serials: &[u64]) {
+        let n = self
+            .crl_number
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let tmp = self.dir.path().join("crl.pem.tmp");
+        std::fs::write(&tmp, self.ca.crl_pem(serials, n).unwrap()).unwrap();
+        std::fs::rename(&tmp, &self.crl_path).unwrap();
+    }
+
+    /// Replaces the server certificate and key (atomically) with a fresh pair.
+    pub fn rotate_server_cert(&self, cn: &str) {
+        let server = self
+            .ca
+            .issue_server(cn, &["localhost", "127.0.0.1"])
+            .expect("server cert");
+        let tmp = self.dir.path().join("server.tmp");
+        write_private(&tmp, &server.key_pem);
+        std::fs::rename(&tmp, &self.server_key).unwrap();
+        std::fs::write(&tmp, &server.cert_pem).unwrap();
+        std::fs::rename(&tmp, &self.server_cert).unwrap();
     }
 
     /// Issues a client certificate with common name `cn`.
@@ -108,6 +140,7 @@ impl TestPki {
         write_private(&key_path, &c.key_pem);
         ClientCert {
             name: cn.to_string(),
+            serial: c.serial,
             cert_path,
             key_path,
             cert_pem: c.cert_pem,
@@ -178,6 +211,8 @@ pub struct BrokerConfig {
     pub persistence: bool,
     /// Fixed ports instead of 0 (for restarts that must keep the same address).
     pub ports: HashMap<&'static str, u16>,
+    /// Give the TLS listeners the PKI's CRL.
+    pub crl: bool,
 }
 
 impl Default for BrokerConfig {
@@ -192,6 +227,7 @@ impl Default for BrokerConfig {
             durability: "sync",
             persistence: true,
             ports: HashMap::new(),
+            crl: false,
         }
     }
 }
@@ -205,6 +241,9 @@ impl BrokerConfig {
                 "[listener.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\nclient_certificates = {:?}\n",
                 pki.server_cert, pki.server_key, pki.ca_path, self.client_certificates
             ));
+            if self.crl {
+                s.push_str(&format!("crl_file = {:?}\n", pki.crl_path));
+            }
         };
         if self.tls {
             s.push_str(&format!(

@@ -43,6 +43,8 @@ pub struct Config {
     pub persistence: PersistenceConfig,
     #[serde(default)]
     pub sys: SysConfig,
+    #[serde(default)]
+    pub reload: ReloadConfig,
     /// Where the configuration was read from (for error messages); not a TOML key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -110,6 +112,27 @@ pub struct TlsConfig {
     pub client_ca_file: Option<PathBuf>,
     #[serde(default = "default_client_certificates")]
     pub client_certificates: ClientCertificates,
+    /// PEM file with the CRL(s) of the client CA. Revoked certificates are refused at the
+    /// handshake; when the file changes, connected holders of newly revoked certificates
+    /// are disconnected.
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
+    /// Which certificate field is the client's identity.
+    #[serde(default)]
+    pub identity_field: CertificateField,
+}
+
+/// The certificate field that names a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertificateField {
+    /// Subject common name.
+    #[default]
+    Cn,
+    /// First DNS name of the subject alternative names.
+    SanDns,
+    /// First URI of the subject alternative names.
+    SanUri,
 }
 
 /// Every bound the broker enforces. Defaults are sized for a plant-scale deployment.
@@ -230,6 +253,22 @@ impl Default for SysConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Seconds between checks of the TLS, CRL, password and ACL files for changes
+    /// (0: reload only on SIGHUP).
+    pub watch_interval_secs: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch_interval_secs: 2,
+        }
+    }
+}
+
 fn default_ws_path() -> String {
     "/mqtt".to_string()
 }
@@ -288,6 +327,9 @@ impl Config {
                 fix(&mut tls.key_file);
                 if let Some(ca) = &mut tls.client_ca_file {
                     fix(ca);
+                }
+                if let Some(crl) = &mut tls.crl_file {
+                    fix(crl);
                 }
             }
         }
@@ -389,6 +431,23 @@ impl Config {
                         ))
                     }
                     _ => {}
+                }
+                if let Some(crl) = &tls.crl_file {
+                    if !crl.is_file() {
+                        return Err(self.invalid(
+                            format!("{key}.tls.crl_file"),
+                            format!(
+                                "{}: no such file; `bulwark-pki init` writes an empty CRL",
+                                crl.display()
+                            ),
+                        ));
+                    }
+                    if tls.client_certificates == ClientCertificates::None {
+                        return Err(self.invalid(
+                            format!("{key}.tls.crl_file"),
+                            "a CRL needs client certificates; remove crl_file or request client certificates",
+                        ));
+                    }
                 }
                 let cert_auth = tls.client_certificates == ClientCertificates::Required;
                 if !cert_auth && !l.allow_anonymous {

@@ -22,6 +22,7 @@ use crate::config::{ListenerConfig, Transport as TransportKind};
 use crate::router::{attach_refusal, Metrics, Router};
 use crate::session::Message;
 use crate::store::FlushCoordinator;
+use crate::tls::ClientCertificate;
 use crate::transport::{accept_websocket, Transport};
 
 /// Everything a connection task needs from the broker.
@@ -36,7 +37,7 @@ pub struct Shared {
 pub struct ListenerRuntime {
     pub name: String,
     pub config: ListenerConfig,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<crate::tls::TlsMaterial>,
 }
 
 impl std::fmt::Debug for ListenerRuntime {
@@ -55,6 +56,8 @@ enum End {
     /// Broker shutdown: no will.
     Shutdown,
     TakenOver,
+    /// Disconnected by the broker (revoked certificate, operator).
+    Kicked,
     ClosedByPeer,
     KeepaliveTimeout,
     WriteTimeout,
@@ -71,6 +74,7 @@ impl End {
             End::Disconnect => "client_disconnect",
             End::Shutdown => "broker_shutdown",
             End::TakenOver => "session_taken_over",
+            End::Kicked => "kicked",
             End::ClosedByPeer => "connection_closed",
             End::KeepaliveTimeout => "keepalive_timeout",
             End::WriteTimeout => "write_timeout",
@@ -101,7 +105,7 @@ pub async fn serve(
         let deadline = accepted + limits.connect_timeout();
         let established =
             tokio::time::timeout_at(deadline, establish(&shared, &listener, stream, peer)).await;
-        let (transport, connect, identity, rbuf) = match established {
+        let (transport, connect, certificate, rbuf) = match established {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => {
                 e.log(peer);
@@ -120,7 +124,14 @@ pub async fn serve(
             }
         };
         Connection::start(
-            shared, listener, transport, connect, identity, rbuf, peer, shutdown,
+            shared,
+            listener,
+            transport,
+            connect,
+            certificate,
+            rbuf,
+            peer,
+            shutdown,
         )
         .await;
     }
@@ -160,7 +171,7 @@ impl SetupError {
     }
 }
 
-type Established = (Transport, Connect, Option<Arc<str>>, BytesMut);
+type Established = (Transport, Connect, Option<ClientCertificate>, BytesMut);
 
 async fn establish(
     shared: &Shared,
@@ -170,16 +181,19 @@ async fn establish(
 ) -> Result<Established, SetupError> {
     let _ = stream.set_nodelay(true);
     let limits = shared.router.limits();
-    let (mut transport, identity) = match (&listener.tls, listener.config.transport) {
-        (Some(acceptor), kind) => {
-            let tls = acceptor.accept(stream).await.map_err(SetupError::Tls)?;
-            let identity = tls
+    let (mut transport, certificate) = match (&listener.tls, listener.config.transport) {
+        (Some(material), kind) => {
+            let tls = material
+                .acceptor()
+                .accept(stream)
+                .await
+                .map_err(SetupError::Tls)?;
+            let certificate = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(crate::tls::certificate_identity)
-                .map(Arc::<str>::from);
+                .and_then(|c| ClientCertificate::from_der(c, material.config.identity_field));
             let t = if kind == TransportKind::Wss {
                 accept_websocket(tls, &listener.config.ws_path, limits.max_packet_size + 16)
                     .await
@@ -187,7 +201,7 @@ async fn establish(
             } else {
                 Transport::Tls(Box::new(tls))
             };
-            (t, identity)
+            (t, certificate)
         }
         (None, _) => (Transport::Tcp(stream), None),
     };
@@ -202,7 +216,7 @@ async fn establish(
             }
         }
         match decode(&mut rbuf, &pre_auth) {
-            Ok(Some(Packet::Connect(c))) => return Ok((transport, c, identity, rbuf)),
+            Ok(Some(Packet::Connect(c))) => return Ok((transport, c, certificate, rbuf)),
             Ok(Some(p)) => return Err(SetupError::NotConnect(packet_number(&p))),
             Ok(None) => {}
             Err(e) => {
@@ -288,13 +302,17 @@ impl Connection {
         listener: Arc<ListenerRuntime>,
         mut transport: Transport,
         connect: Connect,
-        identity: Option<Arc<str>>,
+        certificate: Option<ClientCertificate>,
         rbuf: BytesMut,
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) {
         let router = shared.router.clone();
         let limits = router.limits().clone();
+        let identity: Option<Arc<str>> = certificate
+            .as_ref()
+            .and_then(|c| c.identity.as_deref())
+            .map(Arc::from);
         let span = tracing::Span::current();
         if let Some(i) = &identity {
             span.record("identity", field::display(i.escape_debug()));
@@ -393,6 +411,18 @@ impl Connection {
                     return;
                 }
             };
+        router.register_connection(
+            conn,
+            crate::router::LiveConnection {
+                client_id: client_id.clone(),
+                identity: identity.clone(),
+                peer,
+                listener: listener.name.clone(),
+                revocation_key: certificate.as_ref().map(|c| c.revocation_key.clone()),
+                connected_at: crate::router::unix_now(),
+                kick: attached.kick.clone(),
+            },
+        );
         Metrics::add(&router.metrics.connections_total, 1);
         router
             .metrics
@@ -465,7 +495,11 @@ impl Connection {
             let ka_deadline = self.keepalive.map(|k| last_activity + k);
             let step = tokio::select! {
                 _ = shutdown.changed() => Err(End::Shutdown),
-                _ = kick.notified() => Err(End::TakenOver),
+                _ = kick.notified() => Err(if self.shared.router.owns(&self.client_id, self.conn) {
+                    End::Kicked
+                } else {
+                    End::TakenOver
+                }),
                 r = self.transport.read_into(&mut self.rbuf) => match r {
                     Ok(0) => Err(End::ClosedByPeer),
                     Ok(n) => {
@@ -729,6 +763,7 @@ impl Connection {
 
     async fn finish(mut self, end: End) {
         let router = self.shared.router.clone();
+        router.unregister_connection(self.conn);
         router.detach(&self.client_id, self.conn);
         router
             .metrics

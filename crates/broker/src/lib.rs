@@ -18,6 +18,7 @@
 pub mod config;
 pub mod connection;
 pub mod listener;
+pub mod reload;
 pub mod router;
 pub mod session;
 pub mod store;
@@ -88,12 +89,10 @@ impl Broker {
         for l in &config.listeners {
             let name = l.display_name();
             let tls = match &l.tls {
-                Some(t) => Some(tokio_rustls::TlsAcceptor::from(
-                    tls::server_config(t, &[]).map_err(|source| StartError::Tls {
-                        name: name.clone(),
-                        source,
-                    })?,
-                )),
+                Some(t) => Some(tls::TlsMaterial::new(t).map_err(|source| StartError::Tls {
+                    name: name.clone(),
+                    source,
+                })?),
                 None => None,
             };
             runtimes.push(connection::ListenerRuntime {
@@ -177,10 +176,13 @@ impl Broker {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let conns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
+        let mut runtimes = Vec::with_capacity(listeners.len());
         for (sock, rt) in listeners {
+            let rt = Arc::new(rt);
+            runtimes.push(rt.clone());
             tasks.spawn(listener::accept_loop(
                 sock,
-                Arc::new(rt),
+                rt,
                 shared.clone(),
                 conns.clone(),
                 shutdown_rx.clone(),
@@ -192,6 +194,12 @@ impl Broker {
             shutdown_rx.clone(),
         ));
         tasks.spawn(expiry_loop(router.clone(), shutdown_rx.clone()));
+        tasks.spawn(reload::run(
+            runtimes,
+            router.clone(),
+            config.reload.clone(),
+            shutdown_rx.clone(),
+        ));
         Ok(Broker {
             router,
             local_addrs,

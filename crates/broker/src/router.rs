@@ -115,9 +115,24 @@ pub struct Attached {
     pub resend: Vec<Packet>,
 }
 
+/// A live client connection, as operators and revocation see it.
+#[derive(Debug, Clone)]
+pub struct LiveConnection {
+    pub client_id: Arc<str>,
+    pub identity: Option<Arc<str>>,
+    pub peer: std::net::SocketAddr,
+    pub listener: String,
+    /// Issuer and serial of the client certificate, for revocation.
+    pub revocation_key: Option<crate::tls::RevokedKey>,
+    /// Unix seconds.
+    pub connected_at: u64,
+    pub kick: Arc<Notify>,
+}
+
 /// Shared broker state. Cheap to reach from every connection task through an `Arc`.
 pub struct Router {
     state: Mutex<State>,
+    connections: Mutex<HashMap<u64, LiveConnection>>,
     limits: Limits,
     queue_limits: QueueLimits,
     store: Arc<dyn BrokerStore>,
@@ -156,6 +171,7 @@ impl Router {
                 trie: SubscriptionTrie::new(),
                 retained: RetainedStore::default(),
             }),
+            connections: Mutex::new(HashMap::new()),
             limits,
             queue_limits,
             store,
@@ -564,6 +580,35 @@ impl Router {
             retained: st.retained.len(),
             retained_bytes: st.retained.bytes(),
         }
+    }
+
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, LiveConnection>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register_connection(&self, conn: u64, live: LiveConnection) {
+        self.live().insert(conn, live);
+    }
+
+    pub fn unregister_connection(&self, conn: u64) {
+        self.live().remove(&conn);
+    }
+
+    /// Every live connection, by connection id.
+    pub fn live_connections(&self) -> Vec<(u64, LiveConnection)> {
+        let mut v: Vec<_> = self.live().iter().map(|(k, v)| (*k, v.clone())).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// Disconnects every live connection for which `pred` holds; returns them.
+    pub fn kick_where(&self, pred: impl Fn(&LiveConnection) -> bool) -> Vec<LiveConnection> {
+        let kicked: Vec<LiveConnection> =
+            self.live().values().filter(|c| pred(c)).cloned().collect();
+        for c in &kicked {
+            c.kick.notify_one();
+        }
+        kicked
     }
 
     /// Marks every connected session offline (used at shutdown so a restart finds them
