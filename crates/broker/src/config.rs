@@ -45,6 +45,8 @@ pub struct Config {
     pub sys: SysConfig,
     #[serde(default)]
     pub reload: ReloadConfig,
+    #[serde(default)]
+    pub abuse: crate::abuse::AbuseConfig,
     /// Where the configuration was read from (for error messages); not a TOML key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -494,6 +496,17 @@ impl Config {
         }
         if lim.max_inflight > 65_535 {
             return Err(self.invalid("limits.max_inflight", "must be at most 65535"));
+        }
+        for (i, a) in self.abuse.allow_list.iter().enumerate() {
+            if let Err(e) = crate::abuse::Network::parse(a) {
+                return Err(self.invalid(format!("abuse.allow_list[{i}]"), e));
+            }
+        }
+        if self.abuse.max_auth_failures == 0 {
+            return Err(self.invalid("abuse.max_auth_failures", "must be at least 1"));
+        }
+        if self.abuse.max_tracked == 0 {
+            return Err(self.invalid("abuse.max_tracked", "must be at least 1"));
         }
         if lim.write_timeout_secs == 0 {
             return Err(self.invalid("limits.write_timeout_secs", "must be at least 1"));

@@ -31,6 +31,7 @@ pub struct Shared {
     pub router: Arc<Router>,
     /// Present with `sync` durability: acknowledgements wait for it.
     pub durability: Option<FlushCoordinator>,
+    pub abuse: crate::abuse::AbuseGuard,
 }
 
 /// A listener as the connection tasks see it.
@@ -281,6 +282,8 @@ struct Connection {
     will: Option<LastWill>,
     keepalive: Option<Duration>,
     decode_limits: DecodeLimits,
+    /// PUBLISH packets and payload bytes received since the rate was last charged.
+    published: (u64, u64),
 }
 
 /// Why CONNECT was refused, for the audit log.
@@ -452,6 +455,7 @@ impl Connection {
             decode_limits: DecodeLimits {
                 max_packet_size: limits.max_packet_size,
             },
+            published: (0, 0),
         };
         let mut first = vec![Packet::ConnAck(ConnAck {
             session_present: attached.session_present,
@@ -491,7 +495,24 @@ impl Connection {
             }
         }
         let mut last_activity = Instant::now();
+        let mut rate =
+            crate::abuse::ClientRate::new(self.shared.abuse.config(), std::time::Instant::now());
+        let rate_exempt = self.shared.abuse.is_allow_listed(self.peer.ip());
         loop {
+            // A client publishing faster than its rate is slowed down: nothing more is read
+            // from it until its allowance refills.
+            let (msgs, bytes) = std::mem::take(&mut self.published);
+            if !rate_exempt && msgs > 0 {
+                let pause = rate.take(msgs, bytes, std::time::Instant::now());
+                if !pause.is_zero() {
+                    tokio::select! {
+                        _ = shutdown.changed() => return End::Shutdown,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    // Time spent paused by the broker does not count against keepalive.
+                    last_activity = Instant::now();
+                }
+            }
             let ka_deadline = self.keepalive.map(|k| last_activity + k);
             let step = tokio::select! {
                 _ = shutdown.changed() => Err(End::Shutdown),
@@ -627,6 +648,8 @@ impl Connection {
                     return Err(End::Protocol);
                 }
                 Metrics::add(&router.metrics.messages_received, 1);
+                self.published.0 += 1;
+                self.published.1 += p.payload.len() as u64;
                 let msg = Message {
                     topic: p.topic,
                     // The decoded payload is a view into the read buffer; a copy keeps a

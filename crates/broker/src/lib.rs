@@ -15,6 +15,7 @@
 //! `main.rs` adds the command line, logging and signal handling.
 #![forbid(unsafe_code)]
 
+pub mod abuse;
 pub mod config;
 pub mod connection;
 pub mod listener;
@@ -57,13 +58,15 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl StartError {
     /// Exit code: 64 for what the operator's configuration or files caused.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Tls { .. } => config::EXIT_BAD_CONFIG,
+            StartError::Tls { .. } | StartError::Config(_) => config::EXIT_BAD_CONFIG,
             StartError::Store(StoreError::UnknownVersion { .. }) => config::EXIT_BAD_CONFIG,
             StartError::Bind { .. } | StartError::Store(_) => 1,
         }
@@ -169,9 +172,12 @@ impl Broker {
         } else {
             None
         };
+        let abuse = abuse::AbuseGuard::new(config.abuse.clone())
+            .map_err(|e| StartError::Config(format!("abuse.allow_list: {e}")))?;
         let shared = Arc::new(Shared {
             router: router.clone(),
             durability: durability.clone(),
+            abuse,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -46,6 +46,30 @@ pub async fn accept_loop(
             }
         };
         let accepted_at = Instant::now();
+        if let Err(refusal) = shared
+            .abuse
+            .check_address(peer.ip(), accepted_at.into_std())
+        {
+            Metrics::add(&shared.router.metrics.connections_refused, 1);
+            let n = Metrics::get(&shared.router.metrics.connections_refused);
+            if n.is_power_of_two() || n % 1000 == 0 {
+                tracing::warn!(target: "audit", event = "banned_connection", %peer, listener = %listener.name, refusal = ?refusal, "connection from a banned address closed at accept");
+            }
+            drop(stream);
+            continue;
+        }
+        if !shared
+            .abuse
+            .admit_connection(peer.ip(), accepted_at.into_std())
+        {
+            Metrics::add(&shared.router.metrics.connections_refused, 1);
+            let n = Metrics::get(&shared.router.metrics.connections_refused);
+            if n.is_power_of_two() || n % 1000 == 0 {
+                tracing::warn!(target: "audit", event = "connection_rate_limited", %peer, listener = %listener.name, "connection closed at accept: abuse.connections_per_sec_per_address exceeded");
+            }
+            drop(stream);
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             Metrics::add(&shared.router.metrics.connections_refused, 1);
             tracing::warn!(
