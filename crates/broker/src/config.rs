@@ -271,6 +271,38 @@ impl Default for ReloadConfig {
     }
 }
 
+/// Mode bits of a file, for permission checks.
+pub fn file_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+/// A file holding a secret must not be readable or writable by group or others (F1).
+pub fn check_private_file(path: &Path) -> Result<(), String> {
+    match file_mode(path) {
+        Some(mode) if mode & 0o077 != 0 => Err(format!(
+            "{} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A directory holding data must be private to the broker's user (F1).
+pub fn check_private_dir(path: &Path) -> Result<(), String> {
+    match file_mode(path) {
+        Some(mode) if mode & 0o077 != 0 => Err(format!(
+            "{} is accessible by group or others (mode {mode:04o}); run `chmod 700 {}`",
+            path.display(),
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn default_ws_path() -> String {
     "/mqtt".to_string()
 }
@@ -451,6 +483,9 @@ impl Config {
                         ));
                     }
                 }
+                if let Err(e) = check_private_file(&tls.key_file) {
+                    return Err(self.invalid(format!("{key}.tls.key_file"), e));
+                }
                 let cert_auth = tls.client_certificates == ClientCertificates::Required;
                 if !cert_auth && !l.allow_anonymous {
                     return Err(self.invalid(
@@ -463,6 +498,11 @@ impl Config {
                     format!("{key}.allow_anonymous"),
                     "a tcp listener has no way to authenticate clients yet; set allow_anonymous = true (loopback only) or use transport = \"tls\" with client certificates",
                 ));
+            }
+        }
+        if self.persistence.enabled && self.persistence.path.exists() {
+            if let Err(e) = check_private_dir(&self.persistence.path) {
+                return Err(self.invalid("persistence.path", e));
             }
         }
         let lim = &self.limits;

@@ -40,10 +40,13 @@ impl Metrics {
     }
 }
 
-/// Retained messages with their broker-wide bounds.
+/// Retained messages with their broker-wide bounds. The broker's own `$SYS` figures are
+/// kept here too but do not count against the bounds, which are the clients' budget.
 #[derive(Debug, Default)]
 pub struct RetainedStore {
     messages: HashMap<TopicName, Arc<Message>>,
+    /// Client retained messages (not `$` topics) and their payload bytes.
+    counted: usize,
     bytes: usize,
 }
 
@@ -57,30 +60,41 @@ pub enum RetainOutcome {
 }
 
 impl RetainedStore {
+    /// Client retained messages (the `$SYS` figures are not counted).
     pub fn len(&self) -> usize {
-        self.messages.len()
+        self.counted
     }
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
+        self.counted == 0
     }
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     fn set(&mut self, msg: Arc<Message>, limits: &Limits) -> RetainOutcome {
+        if msg.topic.is_dollar() {
+            if msg.payload.is_empty() {
+                self.messages.remove(&msg.topic);
+                return RetainOutcome::Cleared;
+            }
+            self.messages.insert(msg.topic.clone(), msg);
+            return RetainOutcome::Stored;
+        }
         if msg.payload.is_empty() {
             if let Some(old) = self.messages.remove(&msg.topic) {
                 self.bytes -= old.payload.len();
+                self.counted -= 1;
             }
             return RetainOutcome::Cleared;
         }
         let old_len = self.messages.get(&msg.topic).map(|m| m.payload.len());
-        let count_after = self.messages.len() + usize::from(old_len.is_none());
+        let count_after = self.counted + usize::from(old_len.is_none());
         let bytes_after = self.bytes - old_len.unwrap_or(0) + msg.payload.len();
         if count_after > limits.max_retained_messages || bytes_after > limits.max_retained_bytes {
             return RetainOutcome::Refused;
         }
         self.bytes = bytes_after;
+        self.counted = count_after;
         self.messages.insert(msg.topic.clone(), msg);
         RetainOutcome::Stored
     }
@@ -560,7 +574,8 @@ impl Router {
             .filter(|s| {
                 s.connection.is_none()
                     && s.disconnected_at != 0
-                    && now_unix.saturating_sub(s.disconnected_at) >= expiry
+                    // Whole seconds: `>` so a session never expires early.
+                    && now_unix.saturating_sub(s.disconnected_at) > expiry
             })
             .map(|s| s.client_id.clone())
             .collect();
