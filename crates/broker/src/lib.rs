@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod abuse;
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod listener;

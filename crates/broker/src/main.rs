@@ -1,8 +1,12 @@
 //! The `bulwark-broker` command.
 
-use std::path::PathBuf;
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use bulwark_broker::auth::passwords::{
+    check_mode, validate_username, Argon2Params, Change, PasswordError, PasswordFile,
+};
 use bulwark_broker::config::{Config, EXIT_BAD_CONFIG};
 use bulwark_broker::Broker;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -18,6 +22,7 @@ Examples:
   bulwark-broker check-config /etc/bulwark/broker.toml
   bulwark-broker run --config /etc/bulwark/broker.toml
   bulwark-broker run --config deploy/dev/broker.toml --log-format json
+  bulwark-broker passwd add /etc/bulwark/passwd scada-hmi
 
 Exit codes: 0 clean shutdown, 64 bad configuration or TLS material, 1 other start-up failure."
 )]
@@ -48,6 +53,58 @@ enum Command {
         /// The TOML configuration file to check.
         file: PathBuf,
     },
+    /// Manage the password file: the users that log in with a username and password.
+    #[command(after_help = PASSWD_HELP)]
+    Passwd {
+        #[command(subcommand)]
+        action: PasswdCommand,
+    },
+}
+
+const PASSWD_HELP: &str = "\
+The password file holds one line per user, USER:HASH. Passwords are stored only as
+argon2id hashes; the password itself is never written anywhere. Mosquitto password
+files (mosquitto_passwd) work as they are: each old entry is rehashed as argon2id
+the first time that user logs in.
+
+The password is asked twice at the terminal and not shown while typed. In scripts,
+give it as the first line of standard input (never on the command line, where other
+users of the machine could see it in the process list).
+
+Examples:
+  bulwark-broker passwd add /etc/bulwark/passwd scada-hmi
+  bulwark-broker passwd list /etc/bulwark/passwd
+  bulwark-broker passwd delete /etc/bulwark/passwd old-historian
+  printf '%s\\n' \"$HMI_PASSWORD\" | bulwark-broker passwd add /etc/bulwark/passwd scada-hmi
+
+The file is written with mode 0600 (readable by its owner only). The broker refuses
+to start if group or others can read it, so it must be owned by the user the broker
+runs as, e.g. `chown bulwark /etc/bulwark/passwd`.
+The broker reads the file when it starts: restart it after a change.
+
+Exit codes: 0 done, 1 nothing changed (the message says why), 2 wrong command line.";
+
+#[derive(Debug, Subcommand)]
+enum PasswdCommand {
+    /// Add a user, or set a new password for an existing one. Creates the file if missing.
+    Add {
+        /// The password file, e.g. /etc/bulwark/passwd.
+        file: PathBuf,
+        /// The username the client sends in CONNECT.
+        user: String,
+    },
+    /// Remove a user. The user's current connections stay until they reconnect.
+    Delete {
+        /// The password file, e.g. /etc/bulwark/passwd.
+        file: PathBuf,
+        /// The username to remove.
+        user: String,
+    },
+    /// List the users and how each password is stored.
+    List {
+        /// The password file, e.g. /etc/bulwark/passwd.
+        file: PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -70,6 +127,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Passwd { action } => match passwd(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {
                 println!(
@@ -133,4 +197,114 @@ async fn run(config: Config) -> ExitCode {
     }
     broker.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// `bulwark-broker passwd ...`. Errors are the message to print; nothing was changed then.
+fn passwd(action: PasswdCommand) -> Result<(), String> {
+    let params = Argon2Params::default();
+    match action {
+        PasswdCommand::Add { file, user } => {
+            validate_username(&user).map_err(|e| e.to_string())?;
+            let mut pw = PasswordFile::open_or_create(&file, params).map_err(|e| e.to_string())?;
+            let insecure = pw.exists_on_disk() && check_mode(&file).is_err();
+            let password = read_new_password(&user)?;
+            let change = pw
+                .add_or_replace(&user, password.as_bytes())
+                .map_err(|e| e.to_string())?;
+            let created = !pw.exists_on_disk();
+            pw.save().map_err(|e| e.to_string())?;
+            match change {
+                Change::Added => println!("added user {user} to {}", file.display()),
+                Change::Replaced => {
+                    println!("changed the password of {user} in {}", file.display())
+                }
+            }
+            if created {
+                println!(
+                    "created {} with mode 0600; if the broker runs as another user, give it the file: chown USER {}",
+                    file.display(),
+                    file.display()
+                );
+            } else if insecure {
+                println!(
+                    "{} could be read by group or others; it now has mode 0600",
+                    file.display()
+                );
+            }
+            Ok(())
+        }
+        PasswdCommand::Delete { file, user } => {
+            let mut pw = PasswordFile::open_for_edit(&file, params).map_err(|e| e.to_string())?;
+            pw.delete(&user).map_err(|e| e.to_string())?;
+            pw.save().map_err(|e| e.to_string())?;
+            println!("deleted user {user} from {}", file.display());
+            if pw.is_empty() {
+                eprintln!(
+                    "warning: {} has no users left; the broker refuses to start with it until you add one",
+                    file.display()
+                );
+            }
+            Ok(())
+        }
+        PasswdCommand::List { file } => {
+            let pw = PasswordFile::open_for_edit(&file, params).map_err(|e| e.to_string())?;
+            warn_if_insecure(&file);
+            if pw.is_empty() {
+                eprintln!(
+                    "{} has no users; add one with `bulwark-broker passwd add {} USER`",
+                    file.display(),
+                    file.display()
+                );
+            }
+            for user in pw.users() {
+                match pw.hash_kind(user) {
+                    Some(kind) => println!("{user}\t{kind}"),
+                    None => println!("{user}"),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn warn_if_insecure(file: &Path) {
+    if let Err(e @ PasswordError::InsecureMode { .. }) = check_mode(file) {
+        eprintln!("warning: {e}");
+    }
+}
+
+/// The new password: asked twice at the terminal without echo, or the first line of
+/// standard input when that is not a terminal. Never from the command line.
+fn read_new_password(user: &str) -> Result<zeroize::Zeroizing<String>, String> {
+    let stdin = std::io::stdin();
+    let password = if stdin.is_terminal() {
+        let first = zeroize::Zeroizing::new(
+            rpassword::prompt_password(format!("New password for {user}: "))
+                .map_err(|e| format!("cannot read the password from the terminal: {e}"))?,
+        );
+        let second = zeroize::Zeroizing::new(
+            rpassword::prompt_password("Type it again: ")
+                .map_err(|e| format!("cannot read the password from the terminal: {e}"))?,
+        );
+        if *first != *second {
+            return Err("the two passwords differ; nothing was changed, try again".to_string());
+        }
+        first
+    } else {
+        let mut line = zeroize::Zeroizing::new(String::new());
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+        let end = line.trim_end_matches(['\n', '\r']).len();
+        line.truncate(end);
+        line
+    };
+    if password.is_empty() {
+        return Err(
+            "the password is empty; type one, or give it as the first line of standard input"
+                .to_string(),
+        );
+    }
+    Ok(password)
 }
