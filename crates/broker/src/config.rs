@@ -47,6 +47,8 @@ pub struct Config {
     pub reload: ReloadConfig,
     #[serde(default)]
     pub abuse: crate::abuse::AbuseConfig,
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
     /// Where the configuration was read from (for error messages); not a TOML key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -100,6 +102,42 @@ pub struct ListenerConfig {
     /// every start).
     #[serde(default)]
     pub allow_plaintext_on_network: bool,
+    /// Where a client's identity comes from on this listener.
+    #[serde(default)]
+    pub identity: IdentitySource,
+}
+
+/// Where a client's identity comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentitySource {
+    /// The verified client certificate; a username, if sent, must equal it.
+    Certificate,
+    /// Username and password from the password file.
+    Password,
+    /// Both: a verified certificate and a password for a username equal to it.
+    CertificateAndPassword,
+    /// The certificate when one is presented, otherwise username and password.
+    #[default]
+    CertificateOrPassword,
+}
+
+impl IdentitySource {
+    pub fn accepts_password(self) -> bool {
+        !matches!(self, IdentitySource::Certificate)
+    }
+    pub fn needs_password(self) -> bool {
+        matches!(
+            self,
+            IdentitySource::Password | IdentitySource::CertificateAndPassword
+        )
+    }
+    pub fn needs_certificate(self) -> bool {
+        matches!(
+            self,
+            IdentitySource::Certificate | IdentitySource::CertificateAndPassword
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,6 +406,12 @@ impl Config {
             }
         }
         fix(&mut self.persistence.path);
+        if let Some(a) = &mut self.auth.acl_file {
+            fix(a);
+        }
+        if let Some(p) = &mut self.auth.passwords {
+            fix(&mut p.file);
+        }
     }
 
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -387,6 +431,7 @@ impl Config {
                 "no listener configured; add a [[listener]] table, e.g. bind = \"0.0.0.0:8883\", transport = \"tls\"",
             ));
         }
+        let passwords = self.auth.passwords.is_some();
         let mut seen = std::collections::HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let key = format!("listener[{i}]");
@@ -487,16 +532,38 @@ impl Config {
                     return Err(self.invalid(format!("{key}.tls.key_file"), e));
                 }
                 let cert_auth = tls.client_certificates == ClientCertificates::Required;
-                if !cert_auth && !l.allow_anonymous {
+                if !cert_auth && !l.allow_anonymous && !passwords {
                     return Err(self.invalid(
                         format!("{key}.tls.client_certificates"),
-                        "clients without a certificate could never log in on this listener (password authentication is not available yet); use client_certificates = \"required\", or allow_anonymous = true on a loopback listener",
+                        "clients without a certificate could never log in on this listener; use client_certificates = \"required\", configure [auth.passwords], or allow_anonymous = true on a loopback listener",
                     ));
                 }
-            } else if !l.allow_anonymous {
+                if l.identity.needs_certificate()
+                    && tls.client_certificates == ClientCertificates::None
+                {
+                    return Err(self.invalid(
+                        format!("{key}.identity"),
+                        "this identity source needs client certificates, but client_certificates = \"none\"",
+                    ));
+                }
+            } else {
+                if l.identity.needs_certificate() {
+                    return Err(self.invalid(
+                        format!("{key}.identity"),
+                        "a tcp listener has no client certificates; use identity = \"password\" or a tls listener",
+                    ));
+                }
+                if !l.allow_anonymous && !passwords {
+                    return Err(self.invalid(
+                        format!("{key}.allow_anonymous"),
+                        "a tcp listener has no client certificates; configure [auth.passwords], or set allow_anonymous = true (loopback only), or use transport = \"tls\"",
+                    ));
+                }
+            }
+            if l.identity.needs_password() && !passwords {
                 return Err(self.invalid(
-                    format!("{key}.allow_anonymous"),
-                    "a tcp listener has no way to authenticate clients yet; set allow_anonymous = true (loopback only) or use transport = \"tls\" with client certificates",
+                    format!("{key}.identity"),
+                    "this identity source needs passwords; add [auth.passwords] with file = ...",
                 ));
             }
         }
@@ -536,6 +603,27 @@ impl Config {
         }
         if lim.max_inflight > 65_535 {
             return Err(self.invalid("limits.max_inflight", "must be at most 65535"));
+        }
+        if let Some(pc) = &self.auth.passwords {
+            pc.validate().map_err(|e| {
+                self.invalid(format!("auth.passwords.{}", e.key), e.message.clone())
+            })?;
+            crate::auth::load_passwords(pc).map_err(|e| self.invalid("auth.passwords.file", e))?;
+        }
+        if let Some(acl) = &self.auth.acl_file {
+            crate::auth::load_acl(acl).map_err(|e| self.invalid("auth.acl_file", e))?;
+            if let Some(mode) = file_mode(acl) {
+                if mode & 0o022 != 0 {
+                    return Err(self.invalid(
+                        "auth.acl_file",
+                        format!(
+                            "{} is writable by group or others (mode {mode:04o}); run `chmod 644 {}`",
+                            acl.display(),
+                            acl.display()
+                        ),
+                    ));
+                }
+            }
         }
         for (i, a) in self.abuse.allow_list.iter().enumerate() {
             if let Err(e) = crate::abuse::Network::parse(a) {

@@ -277,6 +277,7 @@ struct Connection {
     transport: Transport,
     rbuf: BytesMut,
     client_id: Arc<str>,
+    identity: Option<Arc<str>>,
     conn: u64,
     peer: SocketAddr,
     will: Option<LastWill>,
@@ -312,86 +313,54 @@ impl Connection {
     ) {
         let router = shared.router.clone();
         let limits = router.limits().clone();
-        let identity: Option<Arc<str>> = certificate
-            .as_ref()
-            .and_then(|c| c.identity.as_deref())
-            .map(Arc::from);
         let span = tracing::Span::current();
-        if let Some(i) = &identity {
-            span.record("identity", field::display(i.escape_debug()));
-        }
-        let refuse = |code: ConnectReturnCode, detail: &str| {
+        let cert_identity = certificate.as_ref().and_then(|c| c.identity.as_deref());
+        let refuse = |code: ConnectReturnCode, identity: Option<&str>, detail: &str| {
             Metrics::add(&router.metrics.connections_refused, 1);
             tracing::warn!(
                 target: "audit",
                 event = "connect_refused",
                 %peer,
                 client_id = %connect.client_id.escape_debug(),
-                identity = identity.as_deref().map(str::escape_debug).map(|e| e.to_string()).unwrap_or_default(),
+                identity = identity.map(|i| i.escape_debug().to_string()).unwrap_or_default(),
                 reason = refuse_reason(code),
                 detail,
                 "CONNECT refused"
             );
             code
         };
-        let checked = (|| {
-            if identity.is_none() && !listener.config.allow_anonymous {
-                return Err(refuse(
-                    ConnectReturnCode::NotAuthorized,
-                    "no client certificate and the listener does not allow anonymous clients",
-                ));
+        let authenticated = authenticate(&shared, &listener, &connect, cert_identity, peer).await;
+        let checked = match authenticated {
+            Err((code, detail)) => Err(refuse(code, cert_identity, &detail)),
+            Ok((identity, via_password)) => {
+                let id = identity.as_deref();
+                check_connect(&router, &connect, id)
+                    .map_err(|(code, detail)| refuse(code, id, &detail))
+                    .map(|cid| (identity, cid, via_password))
             }
-            if connect.client_id.len() > limits.max_client_id_len {
-                return Err(refuse(
-                    ConnectReturnCode::IdentifierRejected,
-                    "client id longer than limits.max_client_id_len",
-                ));
+        };
+        let (identity, client_id, via_password) = match checked {
+            Ok(v) => v,
+            Err(code) => {
+                let _ = send_packets(
+                    &mut transport,
+                    &[Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code,
+                    })],
+                )
+                .await;
+                transport.shutdown().await;
+                return;
             }
-            if connect.keep_alive == 0 && !limits.allow_zero_keepalive {
-                return Err(refuse(
-                    ConnectReturnCode::IdentifierRejected,
-                    "keepalive 0 is not allowed (limits.allow_zero_keepalive)",
-                ));
-            }
-            if connect.keep_alive > limits.max_keepalive_secs {
-                return Err(refuse(
-                    ConnectReturnCode::IdentifierRejected,
-                    "keepalive above limits.max_keepalive_secs",
-                ));
-            }
-            if let Some(w) = &connect.will {
-                if w.topic.is_dollar() {
-                    return Err(refuse(
-                        ConnectReturnCode::NotAuthorized,
-                        "will topic starts with '$'; those topics are written by the broker only",
-                    ));
-                }
-                if w.topic.level_count() > limits.max_topic_levels {
-                    return Err(refuse(
-                        ConnectReturnCode::NotAuthorized,
-                        "will topic has more levels than limits.max_topic_levels",
-                    ));
-                }
-            }
-            Ok(())
-        })();
-        if let Err(code) = checked {
-            let _ = send_packets(
-                &mut transport,
-                &[Packet::ConnAck(ConnAck {
-                    session_present: false,
-                    code,
-                })],
-            )
-            .await;
-            transport.shutdown().await;
-            return;
+        };
+        if let Some(i) = &identity {
+            span.record("identity", field::display(i.escape_debug()));
         }
         let conn = router.new_connection_id();
-        let client_id: Arc<str> = if connect.client_id.is_empty() {
-            format!("bulwark-auto-{conn:x}-{:x}", crate::router::unix_now()).into()
-        } else {
-            connect.client_id.as_str().into()
+        let client_id: Arc<str> = match client_id {
+            Some(c) => c,
+            None => format!("bulwark-auto-{conn:x}-{:x}", crate::router::unix_now()).into(),
         };
         span.record("client_id", field::display(client_id.escape_debug()));
         let attached =
@@ -400,6 +369,7 @@ impl Connection {
                 Err(e) => {
                     let code = refuse(
                         attach_refusal(e),
+                        identity.as_deref(),
                         "client id belongs to a session of another identity",
                     );
                     let _ = send_packets(
@@ -422,6 +392,7 @@ impl Connection {
                 peer,
                 listener: listener.name.clone(),
                 revocation_key: certificate.as_ref().map(|c| c.revocation_key.clone()),
+                via_password,
                 connected_at: crate::router::unix_now(),
                 kick: attached.kick.clone(),
             },
@@ -447,6 +418,7 @@ impl Connection {
             transport,
             rbuf,
             client_id: client_id.clone(),
+            identity: identity.clone(),
             conn,
             peer,
             will: connect.will.clone(),
@@ -605,6 +577,13 @@ impl Connection {
         self.write(&out).await
     }
 
+    fn principal(&self) -> bulwark_protocol::acl::Principal<'_> {
+        bulwark_protocol::acl::Principal {
+            identity: self.identity.as_deref(),
+            client_id: &self.client_id,
+        }
+    }
+
     fn protocol_error(&self, detail: &str) {
         Metrics::add(&self.shared.router.metrics.protocol_errors, 1);
         tracing::warn!(
@@ -650,6 +629,24 @@ impl Connection {
                 Metrics::add(&router.metrics.messages_received, 1);
                 self.published.0 += 1;
                 self.published.1 += p.payload.len() as u64;
+                let decision = router
+                    .authority()
+                    .check_publish(&self.principal(), &p.topic);
+                let permitted = decision.allowed;
+                if !permitted {
+                    // MQTT 3.1.1 has no negative acknowledgement: the message is
+                    // acknowledged (so the client does not resend it forever) and dropped.
+                    tracing::warn!(
+                        target: "audit",
+                        event = "acl_denied",
+                        action = "publish",
+                        identity = self.identity.as_deref().map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+                        client_id = %self.client_id.escape_debug(),
+                        topic = %p.topic.as_str().escape_debug(),
+                        decision = %decision,
+                        "PUBLISH refused by the ACL; acknowledged and dropped"
+                    );
+                }
                 let msg = Message {
                     topic: p.topic,
                     // The decoded payload is a view into the read buffer; a copy keeps a
@@ -659,16 +656,22 @@ impl Connection {
                     retain: p.retain,
                 };
                 match (p.qos, p.pkid) {
-                    (QoS::AtMostOnce, _) => *wrote |= router.publish(msg),
+                    (QoS::AtMostOnce, _) => {
+                        if permitted {
+                            *wrote |= router.publish(msg)
+                        }
+                    }
                     (QoS::AtLeastOnce, Some(id)) => {
-                        *wrote |= router.publish(msg);
+                        if permitted {
+                            *wrote |= router.publish(msg);
+                        }
                         out.push(Packet::PubAck(id));
                     }
                     (QoS::ExactlyOnce, Some(id)) => {
                         let first = router
                             .with_session(&self.client_id, self.conn, |s| s.incoming_qos2(id))
                             .ok_or_else(gone)?;
-                        if first {
+                        if first && permitted {
                             *wrote |= router.publish(msg);
                         }
                         out.push(Packet::PubRec(id));
@@ -712,8 +715,26 @@ impl Connection {
                 out.push(Packet::PubComp(id));
             }
             Packet::Subscribe(sub) => {
+                let who = self.principal();
+                let authority = router.authority().clone();
+                let allow = |f: &bulwark_protocol::TopicFilter| {
+                    let d = authority.check_subscribe(&who, f);
+                    if !d.allowed {
+                        tracing::warn!(
+                            target: "audit",
+                            event = "acl_denied",
+                            action = "subscribe",
+                            identity = who.identity.map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+                            client_id = %who.client_id.escape_debug(),
+                            filter = %f.as_str().escape_debug(),
+                            decision = %d,
+                            "subscription refused by the ACL"
+                        );
+                    }
+                    d.allowed
+                };
                 let (codes, w) = router
-                    .subscribe(&self.client_id, self.conn, &sub.filters)
+                    .subscribe(&self.client_id, self.conn, &sub.filters, allow)
                     .ok_or_else(gone)?;
                 *wrote |= w;
                 out.push(Packet::SubAck(SubAck {
@@ -793,7 +814,23 @@ impl Connection {
             .clients_connected
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if end.publishes_will() {
-            if let Some(w) = self.will.take() {
+            if let Some(w) = self.will.take().filter(|w| {
+                // Checked again when it fires: the ACL may have changed since CONNECT.
+                let d = router
+                    .authority()
+                    .check_publish(&self.principal(), &w.topic);
+                if !d.allowed {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "will_dropped",
+                        client_id = %self.client_id.escape_debug(),
+                        topic = %w.topic.as_str().escape_debug(),
+                        decision = %d,
+                        "will not published: the ACL no longer allows its topic"
+                    );
+                }
+                d.allowed
+            }) {
                 tracing::debug!(topic = %w.topic, "publishing will");
                 router.publish(Message {
                     topic: w.topic,
@@ -815,6 +852,232 @@ impl Connection {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.transport.shutdown()).await;
         }
     }
+}
+
+type Refusal = (ConnectReturnCode, String);
+
+fn auth_failure(shared: &Shared, peer: SocketAddr, user: Option<&str>, reason: &str) {
+    tracing::warn!(
+        target: "audit",
+        event = "auth_failure",
+        %peer,
+        username = user.map(|u| u.escape_debug().to_string()).unwrap_or_default(),
+        reason,
+        "authentication failed"
+    );
+    for ban in shared
+        .abuse
+        .record_failure(peer.ip(), user, std::time::Instant::now())
+    {
+        match ban {
+            crate::abuse::Banned::Address(ip, d) => tracing::warn!(
+                target: "audit", event = "ban", address = %ip, seconds = d.as_secs(),
+                "address banned after repeated authentication failures"
+            ),
+            crate::abuse::Banned::User(u, d) => tracing::warn!(
+                target: "audit", event = "ban", username = %u.escape_debug(), seconds = d.as_secs(),
+                "username banned after repeated authentication failures"
+            ),
+        }
+    }
+}
+
+/// Establishes the client's identity according to the listener's identity source.
+/// `Ok(None)`: anonymous (allowed by the listener).
+async fn authenticate(
+    shared: &Shared,
+    listener: &ListenerRuntime,
+    connect: &Connect,
+    cert_identity: Option<&str>,
+    peer: SocketAddr,
+) -> Result<(Option<Arc<str>>, bool), Refusal> {
+    use crate::config::IdentitySource;
+    let mode = listener.config.identity;
+    let username = connect.username.as_deref();
+    let bad = |detail: &str| (ConnectReturnCode::BadUsernameOrPassword, detail.to_string());
+    let not_authorized = |detail: &str| (ConnectReturnCode::NotAuthorized, detail.to_string());
+
+    // A certificate identity is used when there is one and the mode takes it.
+    if let Some(cert) = cert_identity.filter(|_| mode != IdentitySource::Password) {
+        if let Some(u) = username {
+            if u != cert {
+                auth_failure(
+                    shared,
+                    peer,
+                    Some(u),
+                    "username differs from the certificate identity",
+                );
+                return Err(bad("username differs from the certificate identity"));
+            }
+        }
+        let with_password = mode == IdentitySource::CertificateAndPassword;
+        if with_password {
+            verify_password(shared, connect, peer).await?;
+        }
+        shared.abuse.record_success(peer.ip(), username);
+        return Ok((Some(Arc::from(cert)), with_password));
+    }
+    if mode.needs_certificate() {
+        auth_failure(shared, peer, username, "no verified client certificate");
+        return Err(not_authorized(
+            "this listener requires a client certificate",
+        ));
+    }
+    // Credentials on a listener that allows anonymous clients, on a broker without a
+    // password file, are ignored (as Mosquitto does): the client is anonymous, never the
+    // unverified username.
+    let ignore_credentials =
+        listener.config.allow_anonymous && shared.router.authority().verifier().is_none();
+    if username.is_some() && mode.accepts_password() && !ignore_credentials {
+        let user = verify_password(shared, connect, peer).await?;
+        shared.abuse.record_success(peer.ip(), Some(&user));
+        return Ok((Some(Arc::from(user.as_str())), true));
+    }
+    if mode.needs_password() {
+        auth_failure(shared, peer, None, "no username and password");
+        return Err(not_authorized(
+            "this listener requires a username and password",
+        ));
+    }
+    if listener.config.allow_anonymous {
+        return Ok((None, false));
+    }
+    auth_failure(shared, peer, username, "no credentials");
+    Err(not_authorized(
+        "no client certificate or password, and the listener does not allow anonymous clients",
+    ))
+}
+
+/// Checks CONNECT's username and password; returns the username.
+async fn verify_password(
+    shared: &Shared,
+    connect: &Connect,
+    peer: SocketAddr,
+) -> Result<String, Refusal> {
+    let bad = |detail: &str| (ConnectReturnCode::BadUsernameOrPassword, detail.to_string());
+    let Some(user) = connect.username.as_deref() else {
+        auth_failure(shared, peer, None, "no username");
+        return Err(bad("a username and password are required"));
+    };
+    let Some(verifier) = shared.router.authority().verifier() else {
+        auth_failure(
+            shared,
+            peer,
+            Some(user),
+            "password authentication is not configured",
+        );
+        return Err(bad(
+            "password authentication is not configured on this broker",
+        ));
+    };
+    if let Err(refusal) = shared
+        .abuse
+        .check_user(peer.ip(), user, std::time::Instant::now())
+    {
+        auth_failure(shared, peer, Some(user), &format!("{refusal:?}"));
+        return Err(bad("username temporarily banned after repeated failures"));
+    }
+    let password = connect.password.as_deref().unwrap_or(&[]);
+    match verifier.verify(user, password).await {
+        Ok(v) if v.is_accepted() => Ok(user.to_string()),
+        Ok(_) => {
+            auth_failure(shared, peer, Some(user), "wrong username or password");
+            Err(bad("wrong username or password"))
+        }
+        Err(crate::auth::passwords::Busy) => Err((
+            ConnectReturnCode::ServerUnavailable,
+            "too many password checks waiting (auth.passwords.max_pending_verifications)".into(),
+        )),
+    }
+}
+
+/// The checks after authentication: bounds, will, and the ACL's connect and will rules.
+/// Returns the client id to use (`None`: assign one).
+fn check_connect(
+    router: &Router,
+    connect: &Connect,
+    identity: Option<&str>,
+) -> Result<Option<Arc<str>>, Refusal> {
+    let limits = router.limits();
+    let refuse = |code, detail: &str| Err((code, detail.to_string()));
+    if connect.client_id.len() > limits.max_client_id_len {
+        return refuse(
+            ConnectReturnCode::IdentifierRejected,
+            "client id longer than limits.max_client_id_len",
+        );
+    }
+    if connect.keep_alive == 0 && !limits.allow_zero_keepalive {
+        return refuse(
+            ConnectReturnCode::IdentifierRejected,
+            "keepalive 0 is not allowed (limits.allow_zero_keepalive)",
+        );
+    }
+    if connect.keep_alive > limits.max_keepalive_secs {
+        return refuse(
+            ConnectReturnCode::IdentifierRejected,
+            "keepalive above limits.max_keepalive_secs",
+        );
+    }
+    // A device that sends no client id is known by its identity.
+    let client_id: Option<Arc<str>> = match (connect.client_id.is_empty(), identity) {
+        (false, _) => Some(connect.client_id.as_str().into()),
+        (true, Some(i)) => Some(i.into()),
+        (true, None) => None,
+    };
+    let authority = router.authority();
+    if let (Some(cid), Some(decision)) = (
+        &client_id,
+        client_id
+            .as_deref()
+            .and_then(|cid| authority.check_connect(identity, cid)),
+    ) {
+        if !decision.allowed {
+            tracing::warn!(
+                target: "audit",
+                event = "acl_denied",
+                action = "connect",
+                identity = identity.map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+                client_id = %cid.escape_debug(),
+                decision = %decision,
+                "client id refused by the ACL"
+            );
+            return refuse(ConnectReturnCode::IdentifierRejected, &decision.to_string());
+        }
+    }
+    if let Some(w) = &connect.will {
+        if w.topic.is_dollar() {
+            return refuse(
+                ConnectReturnCode::NotAuthorized,
+                "will topic starts with '$'; those topics are written by the broker only",
+            );
+        }
+        if w.topic.level_count() > limits.max_topic_levels {
+            return refuse(
+                ConnectReturnCode::NotAuthorized,
+                "will topic has more levels than limits.max_topic_levels",
+            );
+        }
+        let cid = client_id.as_deref().unwrap_or("");
+        let who = bulwark_protocol::acl::Principal {
+            identity,
+            client_id: cid,
+        };
+        let decision = authority.check_publish(&who, &w.topic);
+        if !decision.allowed {
+            tracing::warn!(
+                target: "audit",
+                event = "acl_denied",
+                action = "will",
+                identity = identity.map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+                client_id = %cid.escape_debug(),
+                topic = %w.topic.as_str().escape_debug(),
+                decision = %decision,
+                "will topic refused by the ACL"
+            );
+            return refuse(ConnectReturnCode::NotAuthorized, &decision.to_string());
+        }
+    }
+    Ok(client_id)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

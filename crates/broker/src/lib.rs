@@ -19,6 +19,7 @@ pub mod abuse;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod doctor;
 pub mod listener;
 pub mod reload;
 pub mod router;
@@ -154,7 +155,12 @@ impl Broker {
             listeners.push((sock, rt));
         }
 
-        let router = Arc::new(Router::new(config.limits.clone(), store.clone()));
+        let authority =
+            Arc::new(auth::Authority::from_config(&config.auth).map_err(StartError::Config)?);
+        if !authority.has_acl_file() {
+            tracing::warn!("no ACL file ([auth] acl_file): every authenticated client may publish and subscribe to every topic that does not start with '$'");
+        }
+        let router = Arc::new(Router::new(config.limits.clone(), store.clone(), authority));
         if let Some(snap) = snapshot {
             router.restore(snap);
         }

@@ -53,6 +53,27 @@ enum Command {
         /// The TOML configuration file to check.
         file: PathBuf,
     },
+    /// Check a deployment against the security checklist (ports, TLS, client
+    /// certificates, passwords, ACL, revocation, file permissions, durability). Prints
+    /// PASS, WARN or FAIL per item; exits 1 if anything fails.
+    Doctor {
+        /// The broker's TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Ask the ACL whether an identity may read, write or subscribe, and which rule
+    /// decides.
+    #[command(after_help = "\
+Examples:
+  bulwark-broker acl check --acl /etc/bulwark/acl.conf --user gw-17 devices/gw-17/data/temp write
+  bulwark-broker acl check --config /etc/bulwark/broker.toml --user historian 'devices/+/data/#' subscribe
+  bulwark-broker acl check --acl acl.conf --user ops '$tunnel/gw-17/open/ssh' write
+
+Exit codes: 0 allowed, 1 denied, 64 the ACL or configuration file is unusable.")]
+    Acl {
+        #[command(subcommand)]
+        action: AclCommand,
+    },
     /// Manage the password file: the users that log in with a username and password.
     #[command(after_help = PASSWD_HELP)]
     Passwd {
@@ -85,6 +106,37 @@ The broker reads the file when it starts: restart it after a change.
 Exit codes: 0 done, 1 nothing changed (the message says why), 2 wrong command line.";
 
 #[derive(Debug, Subcommand)]
+enum AclCommand {
+    /// Evaluate one request against the ACL and explain the decision.
+    Check {
+        /// The ACL file to read.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        acl: Option<PathBuf>,
+        /// Or: the broker configuration, whose [auth] acl_file is read.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The identity (certificate CN or username); omit for an anonymous client.
+        #[arg(long)]
+        user: Option<String>,
+        /// The client id (defaults to the identity).
+        #[arg(long)]
+        client_id: Option<String>,
+        /// The topic (read, write) or topic filter (subscribe).
+        topic: String,
+        /// What the client wants to do.
+        #[arg(value_enum)]
+        action: AclAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AclAction {
+    Read,
+    Write,
+    Subscribe,
+}
+
+#[derive(Debug, Subcommand)]
 enum PasswdCommand {
     /// Add a user, or set a new password for an existing one. Creates the file if missing.
     Add {
@@ -93,7 +145,8 @@ enum PasswdCommand {
         /// The username the client sends in CONNECT.
         user: String,
     },
-    /// Remove a user. The user's current connections stay until they reconnect.
+    /// Remove a user. A running broker picks the change up within
+    /// reload.watch_interval_secs (or on SIGHUP) and disconnects the user's sessions.
     Delete {
         /// The password file, e.g. /etc/bulwark/passwd.
         file: PathBuf,
@@ -134,6 +187,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Doctor { config } => {
+            let findings = bulwark_broker::doctor::check(&config);
+            for f in &findings {
+                println!("{f}");
+            }
+            let fails = findings
+                .iter()
+                .filter(|f| f.status == bulwark_broker::doctor::Status::Fail)
+                .count();
+            if fails == 0 {
+                println!("\n{}: no failures", config.display());
+                ExitCode::SUCCESS
+            } else {
+                println!("\n{}: {fails} item(s) FAIL", config.display());
+                ExitCode::FAILURE
+            }
+        }
+        Command::Acl {
+            action:
+                AclCommand::Check {
+                    acl,
+                    config,
+                    user,
+                    client_id,
+                    topic,
+                    action,
+                },
+        } => acl_check(acl, config, user, client_id, &topic, action),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {
                 println!(
@@ -307,4 +388,64 @@ fn read_new_password(user: &str) -> Result<zeroize::Zeroizing<String>, String> {
         );
     }
     Ok(password)
+}
+
+fn acl_check(
+    acl: Option<PathBuf>,
+    config: Option<PathBuf>,
+    user: Option<String>,
+    client_id: Option<String>,
+    topic: &str,
+    action: AclAction,
+) -> ExitCode {
+    let bad = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(EXIT_BAD_CONFIG as u8)
+    };
+    let path = match (acl, config) {
+        (Some(a), _) => a,
+        (None, Some(c)) => match Config::load(&c) {
+            Ok(cfg) => match cfg.auth.acl_file {
+                Some(a) => a,
+                None => return bad(format!(
+                    "{}: no [auth] acl_file; every authenticated client may use every non-$ topic",
+                    c.display()
+                )),
+            },
+            Err(e) => return bad(e.to_string()),
+        },
+        (None, None) => return bad("give --acl FILE or --config FILE".into()),
+    };
+    let file = match bulwark_broker::auth::load_acl(&path) {
+        Ok(f) => f,
+        Err(e) => return bad(e),
+    };
+    let cid = client_id.or_else(|| user.clone()).unwrap_or_default();
+    let who = bulwark_protocol::acl::Principal {
+        identity: user.as_deref(),
+        client_id: &cid,
+    };
+    let decision = match action {
+        AclAction::Read | AclAction::Write => {
+            let t = match bulwark_protocol::TopicName::new(topic) {
+                Ok(t) => t,
+                Err(e) => return bad(format!("{topic:?} is not a topic name: {e}")),
+            };
+            if matches!(action, AclAction::Read) {
+                file.check_read(&who, &t)
+            } else {
+                file.check_publish(&who, &t)
+            }
+        }
+        AclAction::Subscribe => match bulwark_protocol::TopicFilter::new(topic) {
+            Ok(f) => file.check_subscribe(&who, &f),
+            Err(e) => return bad(format!("{topic:?} is not a topic filter: {e}")),
+        },
+    };
+    println!("{}", file.explain(&decision));
+    if decision.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

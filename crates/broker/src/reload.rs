@@ -1,5 +1,6 @@
-//! Hot reload: TLS material (server certificate, key, client CA, CRL) is checked every
-//! `reload.watch_interval_secs` and rebuilt when a file changed, and on SIGHUP. A reload
+//! Hot reload: TLS material (server certificate, key, client CA, CRL), the ACL file and
+//! the password file are checked every `reload.watch_interval_secs` and reloaded when a
+//! file changed, and on SIGHUP. A reload
 //! never drops sessions; a reload that fails keeps the last good configuration and says so
 //! loudly. After a CRL change, connected clients whose certificate is now revoked are
 //! disconnected.
@@ -64,6 +65,63 @@ pub fn reload_all(listeners: &[Arc<ListenerRuntime>], router: &Router, force: bo
     }
 }
 
+/// Reloads the ACL and password files if they changed (or `force`), re-checks live
+/// subscriptions after an ACL change, and disconnects clients whose user was removed.
+pub fn reload_auth(router: &Router, force: bool) {
+    use crate::auth::AuthReload;
+    for event in router.authority().reload_if_changed(force) {
+        match event {
+            AuthReload::AclReloaded { rules } => {
+                tracing::info!(target: "audit", event = "reload", what = "acl", rules, "ACL reloaded");
+                for (client_id, filter) in router.revalidate_subscriptions() {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "subscription_revoked",
+                        client_id = %client_id.escape_debug(),
+                        filter = %filter.as_str().escape_debug(),
+                        "subscription removed: the new ACL no longer grants it"
+                    );
+                }
+            }
+            AuthReload::AclFailed(e) => tracing::error!(
+                target: "audit",
+                event = "reload_failed",
+                what = "acl",
+                error = %e,
+                "ACL reload failed; the last good ACL stays in force"
+            ),
+            AuthReload::PasswordsReloaded { removed } => {
+                tracing::info!(target: "audit", event = "reload", what = "passwords", removed = removed.len(), "password file reloaded");
+                if removed.is_empty() {
+                    continue;
+                }
+                let kicked = router.kick_where(|c| {
+                    c.via_password
+                        && c.identity
+                            .as_deref()
+                            .is_some_and(|i| removed.iter().any(|r| r == i))
+                });
+                for c in kicked {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "user_removed",
+                        client_id = %c.client_id.escape_debug(),
+                        identity = c.identity.as_deref().map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+                        "user removed from the password file; disconnected"
+                    );
+                }
+            }
+            AuthReload::PasswordsFailed(e) => tracing::error!(
+                target: "audit",
+                event = "reload_failed",
+                what = "passwords",
+                error = %e,
+                "password file reload failed; the last good file stays in force"
+            ),
+        }
+    }
+}
+
 pub async fn run(
     listeners: Vec<Arc<ListenerRuntime>>,
     router: Arc<Router>,
@@ -84,5 +142,6 @@ pub async fn run(
             }
         };
         reload_all(&listeners, &router, forced);
+        reload_auth(&router, forced);
     }
 }

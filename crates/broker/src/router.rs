@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bulwark_protocol::acl::Principal;
 use bulwark_protocol::{
     ConnectReturnCode, Packet, QoS, SubscribeReturnCode, SubscriptionTrie, TopicFilter, TopicName,
 };
 use tokio::sync::Notify;
 
+use crate::auth::Authority;
 use crate::config::Limits;
 use crate::session::{Enqueued, Message, QueueChange, QueueLimits, Session};
 use crate::store::{BrokerStore, SessionRecord, Snapshot, StoreError};
@@ -29,6 +31,8 @@ pub struct Metrics {
     pub messages_dropped: AtomicU64,
     pub connections_refused: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Deliveries not made because the subscriber may not read the topic.
+    pub deliveries_denied: AtomicU64,
 }
 
 impl Metrics {
@@ -138,6 +142,8 @@ pub struct LiveConnection {
     pub listener: String,
     /// Issuer and serial of the client certificate, for revocation.
     pub revocation_key: Option<crate::tls::RevokedKey>,
+    /// Authenticated with a password (so removing the user cuts it off).
+    pub via_password: bool,
     /// Unix seconds.
     pub connected_at: u64,
     pub kick: Arc<Notify>,
@@ -150,6 +156,7 @@ pub struct Router {
     limits: Limits,
     queue_limits: QueueLimits,
     store: Arc<dyn BrokerStore>,
+    authority: Arc<Authority>,
     pub metrics: Metrics,
     next_connection: AtomicU64,
     pub started: Instant,
@@ -173,7 +180,7 @@ fn log_store_error(e: StoreError) {
 }
 
 impl Router {
-    pub fn new(limits: Limits, store: Arc<dyn BrokerStore>) -> Router {
+    pub fn new(limits: Limits, store: Arc<dyn BrokerStore>, authority: Arc<Authority>) -> Router {
         let queue_limits = QueueLimits {
             max_inflight: limits.max_inflight,
             max_messages: limits.max_queued_messages,
@@ -189,6 +196,7 @@ impl Router {
             limits,
             queue_limits,
             store,
+            authority,
             metrics: Metrics::default(),
             next_connection: AtomicU64::new(1),
             started: Instant::now(),
@@ -412,10 +420,17 @@ impl Router {
             targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             targets.dedup_by(|later, earlier| later.0 == earlier.0);
         }
+        let acl = self.authority.acl();
         for (cid, sub_qos) in targets {
             let Some(s) = st.sessions.get_mut(&cid) else {
                 continue;
             };
+            // Every delivery is checked: a subscription granted earlier does not cover
+            // topics the subscriber may not read (deny rules, ACL changes).
+            if !acl.allows_read(&principal_of(s), &msg.topic) {
+                Metrics::add(&self.metrics.deliveries_denied, 1);
+                continue;
+            }
             let qos = msg.qos.min(sub_qos);
             wrote |= self.enqueue(s, msg.clone(), qos, false);
         }
@@ -461,11 +476,13 @@ impl Router {
 
     /// SUBSCRIBE: adds the subscriptions and queues matching retained messages. `None`
     /// if the connection no longer owns the session.
+    /// `allow` is the authorization check of each filter (it logs its own refusals).
     pub fn subscribe(
         &self,
         client_id: &Arc<str>,
         conn: u64,
         filters: &[(TopicFilter, QoS)],
+        allow: impl Fn(&TopicFilter) -> bool,
     ) -> Option<(Vec<SubscribeReturnCode>, bool)> {
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -476,6 +493,10 @@ impl Router {
         let mut codes = Vec::with_capacity(filters.len());
         let mut granted = Vec::new();
         for (filter, qos) in filters {
+            if !allow(filter) {
+                codes.push(SubscribeReturnCode::Failure);
+                continue;
+            }
             if filter.level_count() > self.limits.max_topic_levels {
                 tracing::warn!(target: "audit", event = "subscribe_refused", client_id = %client_id.escape_debug(), filter = %filter.as_str().escape_debug(), reason = "too many topic levels");
                 codes.push(SubscribeReturnCode::Failure);
@@ -500,9 +521,17 @@ impl Router {
             }
             wrote = true;
         }
-        // Retained messages, with the retain flag set (§3.3.1.3).
+        // Retained messages, with the retain flag set (§3.3.1.3), each checked like any
+        // other delivery.
+        let acl = self.authority.acl();
         for (filter, sub_qos) in granted {
-            let matching: Vec<Arc<Message>> = st.retained.matching(&filter).cloned().collect();
+            let who = principal_of(s);
+            let matching: Vec<Arc<Message>> = st
+                .retained
+                .matching(&filter)
+                .filter(|m| acl.allows_read(&who, &m.topic))
+                .cloned()
+                .collect();
             for m in matching {
                 let qos = m.qos.min(sub_qos);
                 wrote |= self.enqueue(s, m, qos, true);
@@ -626,6 +655,39 @@ impl Router {
         kicked
     }
 
+    /// After an ACL change: removes every subscription its session may no longer hold.
+    /// Returns (client id, filter) of each removed subscription.
+    pub fn revalidate_subscriptions(&self) -> Vec<(Arc<str>, TopicFilter)> {
+        let authority = self.authority.clone();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut removed = Vec::new();
+        for s in st.sessions.values_mut() {
+            let who = principal_of(s);
+            let denied: Vec<TopicFilter> = s
+                .subscriptions
+                .keys()
+                .filter(|f| !authority.check_subscribe(&who, f).allowed)
+                .cloned()
+                .collect();
+            for f in denied {
+                s.subscriptions.remove(&f);
+                st.trie.remove(&f, &s.client_id);
+                removed.push((s.client_id.clone(), f));
+            }
+            if s.persistent && removed.iter().any(|(c, _)| *c == s.client_id) {
+                if let Err(e) = self.store.put_session(&Self::session_record(s)) {
+                    log_store_error(e);
+                }
+            }
+        }
+        removed
+    }
+
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
     /// Marks every connected session offline (used at shutdown so a restart finds them
     /// with a proper `disconnected_at`).
     pub fn detach_all(&self) {
@@ -696,13 +758,37 @@ impl SessionOps<'_> {
         self.session.incoming_pubrel(pkid)
     }
 
-    /// Moves sendable messages into `out` (within the in-flight window).
+    /// Moves sendable messages into `out` (within the in-flight window). Each is checked
+    /// against the current ACL first: messages queued while the client was away are
+    /// dropped if it may no longer read them.
     pub fn drain_outgoing(&mut self, out: &mut Vec<Packet>) {
         let limits = *self.router.queue_limits();
-        while let Some((packet, change)) = self.session.next_outgoing(&limits) {
-            self.apply(change);
-            out.push(packet);
+        let acl = self.router.authority.acl();
+        loop {
+            if let Some(next) = self.session.peek_pending() {
+                if !acl.allows_read(&principal_of(self.session), &next.topic) {
+                    Metrics::add(&self.router.metrics.deliveries_denied, 1);
+                    let c = self.session.drop_pending_front();
+                    self.apply(c);
+                    continue;
+                }
+            }
+            match self.session.next_outgoing(&limits) {
+                Some((packet, change)) => {
+                    self.apply(change);
+                    out.push(packet);
+                }
+                None => break,
+            }
         }
+    }
+}
+
+/// The ACL principal of a session.
+pub fn principal_of(s: &Session) -> Principal<'_> {
+    Principal {
+        identity: s.identity.as_deref(),
+        client_id: &s.client_id,
     }
 }
 

@@ -248,6 +248,18 @@ impl Session {
         Some((packet, Some(change)))
     }
 
+    /// The message that [`Session::next_outgoing`] would send next.
+    pub fn peek_pending(&self) -> Option<&Arc<Message>> {
+        self.pending.front().map(|q| &q.msg)
+    }
+
+    /// Discards the next pending message (it may no longer be delivered).
+    pub fn drop_pending_front(&mut self) -> Option<QueueChange> {
+        let q = self.pending.pop_front()?;
+        self.queued_bytes -= q.msg.payload.len();
+        Some(QueueChange::Remove { seq: q.seq })
+    }
+
     /// Packets to resend when a client resumes this session: unacknowledged PUBLISHes
     /// with DUP and their original packet ids, PUBRELs for released QoS 2 messages.
     pub fn resend_inflight(&self) -> Vec<Packet> {

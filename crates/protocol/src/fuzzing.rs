@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use bytes::BytesMut;
 
+use crate::acl::{filter_contains, filters_intersect, AclFile, Decision, Principal, Reason};
 use crate::codec::{decode, encode, encoded_len, peek_fixed_header, DecodeLimits};
 use crate::packet::Packet;
 use crate::topic::{TopicError, TopicFilter, TopicName, MAX_TOPIC_LEN};
@@ -209,5 +210,255 @@ fn check_topic_rules(
     if let Ok(filter) = filter {
         assert_eq!(filter.as_str(), s);
         assert_eq!(filter.has_wildcards(), s.contains(['+', '#']));
+    }
+}
+
+/// What [`check_acl`] saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AclOutcome {
+    /// Whether the text parsed as an ACL file.
+    pub parsed: bool,
+    /// `rule_count()` when it parsed.
+    pub rules: usize,
+    /// The line the parse error named.
+    pub error_line: Option<usize>,
+}
+
+/// Principals the ACL checks run for: ordinary ones and the hostile identities and client
+/// ids of SECURITY-CASES A1.
+const FUZZ_PRINCIPALS: &[(Option<&str>, &str)] = &[
+    (None, "anon-1"),
+    (Some("gw-17"), "gw-17"),
+    (Some("alice"), "alice-dashboard"),
+    (Some("#"), "#"),
+    (Some("+"), "gw-17"),
+    (Some("a/b"), "a/b"),
+    (Some(""), ""),
+    (Some("$SYS"), "$SYS"),
+    (Some("%c"), "%u"),
+    (Some("gw-17"), "+"),
+];
+
+const FUZZ_TOPICS: &[&str] = &[
+    "a",
+    "a/b",
+    "/",
+    "devices/gw-17/data/x",
+    "devices/gw-17/cmd/reboot",
+    "devices/#/data",
+    "devices/a/b/data",
+    "plant/secret/x",
+    "$SYS/broker/clients",
+    "$tunnel/gw-17/open/ssh",
+    "$tunnel/gw-17/notify",
+    "#",
+    "+",
+];
+
+const FUZZ_FILTERS: &[&str] = &[
+    "#",
+    "+/#",
+    "a/#",
+    "a/+",
+    "devices/gw-17/#",
+    "devices/+/data/#",
+    "$SYS/#",
+    "$tunnel/+/notify",
+    "/#",
+];
+
+const FUZZ_TUNNELS: &[(&str, &str)] = &[
+    ("gw-17", "ssh"),
+    ("gw-18", "http"),
+    ("#", "ssh"),
+    ("+", "ssh"),
+    ("a/b", "ssh"),
+    ("gw-17", ""),
+    ("gw-17", "s/h"),
+];
+
+/// Parses `data` (invalid UTF-8 replaced) as an ACL file. A parse error must name an
+/// existing line and suggest a fix. When it parses, runs every check for a few fixed
+/// principals against fixed topics and filters plus those spelled on the file's lines,
+/// checking that
+/// - decisions name real rule lines and explanations agree with them;
+/// - `allows_read`/`allows_publish` agree with `check_read`/`check_publish`;
+/// - nobody publishes to a `$` topic, and bad tunnel names are refused;
+/// - a granted subscription only delivers topics `check_read` allows;
+/// - no grant comes from a `%u`/`%c` pattern for a value that must never match (A1);
+/// - `filter_contains` and `filters_intersect` agree with `TopicFilter::matches`.
+pub fn check_acl(data: &[u8]) -> AclOutcome {
+    let text = String::from_utf8_lossy(data);
+    let lines: Vec<&str> = text.lines().collect();
+    let acl = match AclFile::parse(&text) {
+        Ok(acl) => acl,
+        Err(e) => {
+            assert!(
+                (1..=lines.len()).contains(&e.line),
+                "error names line {} of {}: {e}",
+                e.line,
+                lines.len()
+            );
+            let shown = e.to_string();
+            assert!(shown.starts_with(&format!("line {}: ", e.line)), "{shown}");
+            assert!(shown.contains("; fix: "), "{shown}");
+            return AclOutcome {
+                parsed: false,
+                rules: 0,
+                error_line: Some(e.line),
+            };
+        }
+    };
+    let rules = acl.rule_count();
+    assert!(rules <= lines.len());
+
+    // Topics and filters: the fixed ones, then the last word of each line (at most 16).
+    let mut topics: Vec<TopicName> = FUZZ_TOPICS
+        .iter()
+        .filter_map(|t| TopicName::new(t).ok())
+        .collect();
+    let mut filters: Vec<TopicFilter> = FUZZ_FILTERS
+        .iter()
+        .map(|f| TopicFilter::new(f).expect("fixed filter"))
+        .collect();
+    for word in lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().last())
+        .take(16)
+    {
+        let word = word.replace("%u", "gw-17").replace("%c", "gw-17");
+        if let Ok(t) = TopicName::new(&word) {
+            topics.push(t);
+        }
+        if let Ok(f) = TopicFilter::new(&word) {
+            filters.push(f);
+        }
+    }
+
+    let check = |d: &Decision, who: &Principal<'_>| {
+        let explained = acl.explain(d);
+        assert!(
+            explained.starts_with(if d.allowed { "allowed" } else { "denied" }),
+            "{explained}"
+        );
+        if let Some(rule) = &d.rule {
+            assert!((1..=lines.len()).contains(&rule.line), "{rule:?}");
+            assert_eq!(rule.text, lines[rule.line - 1].trim(), "{rule:?}");
+            assert!(explained.contains(&format!("line {}: `{}`", rule.line, rule.text)));
+            if d.allowed && rule.text.starts_with("pattern") {
+                check_no_unsafe_grant(&rule.text, who);
+            }
+        }
+        match d.reason {
+            Reason::Granted | Reason::Denied | Reason::DeniedUnsafeSubstitution => {
+                assert!(d.rule.is_some(), "{d:?}")
+            }
+            _ => assert!(d.rule.is_none(), "{d:?}"),
+        }
+        assert_eq!(
+            d.allowed,
+            d.reason == Reason::Granted
+                || d.reason == Reason::AnonymousConnect
+                || d.reason == Reason::ClientIdIsIdentity,
+            "{d:?}"
+        );
+    };
+
+    for &(identity, client_id) in FUZZ_PRINCIPALS {
+        let who = Principal {
+            identity,
+            client_id,
+        };
+        let connect = acl.check_connect(identity, client_id);
+        check(&connect, &who);
+        if identity.is_none() {
+            assert!(
+                connect.allowed,
+                "anonymous connect is the broker's decision"
+            );
+        }
+        for topic in &topics {
+            let read = acl.check_read(&who, topic);
+            check(&read, &who);
+            assert_eq!(read.allowed, acl.allows_read(&who, topic), "{topic}");
+            let publish = acl.check_publish(&who, topic);
+            check(&publish, &who);
+            assert_eq!(publish.allowed, acl.allows_publish(&who, topic), "{topic}");
+            if topic.is_dollar() {
+                assert!(!publish.allowed, "publish to {topic} allowed: {publish:?}");
+            }
+        }
+        for filter in &filters {
+            let sub = acl.check_subscribe(&who, filter);
+            check(&sub, &who);
+            if sub.allowed {
+                for topic in topics.iter().filter(|t| filter.matches(t)) {
+                    assert!(
+                        acl.allows_read(&who, topic),
+                        "{who:?} may subscribe {filter} but not read {topic}"
+                    );
+                }
+            }
+        }
+        for &(device, service) in FUZZ_TUNNELS {
+            let tunnel = acl.check_tunnel(&who, device, service);
+            check(&tunnel, &who);
+            let bad = |s: &str| s.is_empty() || s.contains(['+', '#', '/']);
+            if bad(device) || bad(service) {
+                assert_eq!(tunnel.reason, Reason::InvalidTunnelName);
+            }
+        }
+    }
+
+    for a in &filters {
+        for b in &filters {
+            let contains = filter_contains(a, b);
+            let meet = filters_intersect(a, b);
+            assert_eq!(meet, filters_intersect(b, a), "{a} ∩ {b}");
+            if contains {
+                assert!(meet, "{a} ⊇ {b} but they do not intersect");
+            }
+            for t in &topics {
+                if contains && b.matches(t) {
+                    assert!(a.matches(t), "{a} ⊇ {b} but only {b} matches {t}");
+                }
+                if a.matches(t) && b.matches(t) {
+                    assert!(meet, "{a} and {b} both match {t} but do not intersect");
+                }
+            }
+        }
+    }
+    AclOutcome {
+        parsed: true,
+        rules,
+        error_line: None,
+    }
+}
+
+/// A1: a `pattern` grant (its line `text`) must not apply through a value that is empty or
+/// contains `+`, `#` or `/`, nor through a `$` value that would start the filter.
+fn check_no_unsafe_grant(text: &str, who: &Principal<'_>) {
+    let rest = text.trim_start_matches("pattern").trim_start();
+    let filter = match rest.split_once(char::is_whitespace) {
+        Some((word, after)) if ["read", "write", "readwrite"].contains(&word) => after.trim_start(),
+        _ => rest,
+    };
+    let identity = who
+        .identity
+        .expect("patterns never apply to anonymous clients");
+    let unsafe_value = |v: &str| v.is_empty() || v.contains(['+', '#', '/', '\0']);
+    for (placeholder, value) in [("%u", identity), ("%c", who.client_id)] {
+        if filter.contains(placeholder) {
+            assert!(
+                !unsafe_value(value),
+                "`{text}` granted through {placeholder} = {value:?}"
+            );
+        }
+        if filter.starts_with(placeholder) {
+            assert!(
+                !value.starts_with('$'),
+                "`{text}` granted through {placeholder} = {value:?}"
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@
 //! The protocol level is a parameter ([`ProtocolLevel`]) so MQTT 5 can slot in beside 3.1.1.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -24,6 +25,9 @@ pub mod packet;
 pub mod topic;
 pub mod trie;
 
+pub use acl::{
+    filter_contains, filters_intersect, AclError, AclFile, Decision, Principal, Reason, RuleRef,
+};
 pub use codec::{decode, encode, encoded_len, DecodeError, DecodeLimits, EncodeError};
 pub use packet::*;
 pub use topic::{TopicError, TopicFilter, TopicName};

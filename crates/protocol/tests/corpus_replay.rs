@@ -1,13 +1,14 @@
-//! Replays the committed fuzz corpus (`fuzz/corpus/{decode,topic}`) through the same checks
+//! Replays the committed fuzz corpus (`fuzz/corpus/{decode,topic,acl}`) through the same checks
 //! the fuzz targets run, so every seed and every crash ever fixed stays a regression test.
 //!
 //! Seed names also state an expectation: `ok-*` decodes completely without an error,
-//! `err-*` must end in a decode error.
+//! `err-*` must end in a decode error (for `acl`: `ok-*` parses, `err-*` is a parse error).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use bulwark_protocol::fuzzing::{check_decode, check_topics};
+use bulwark_protocol::acl::DEFAULT_DEVICE_RULES;
+use bulwark_protocol::fuzzing::{check_acl, check_decode, check_topics};
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir: PathBuf = [env!("CARGO_MANIFEST_DIR"), "fuzz", "corpus", target]
@@ -86,4 +87,37 @@ fn topic_corpus_replays() {
     for (_, data) in &files {
         check_topics(data);
     }
+}
+
+#[test]
+fn acl_corpus_replays() {
+    let files = corpus("acl");
+    assert!(
+        files.len() >= 10,
+        "only {} files in fuzz/corpus/acl",
+        files.len()
+    );
+    let (mut ok, mut err) = (0, 0);
+    for (name, data) in &files {
+        let outcome = check_acl(data);
+        if name.starts_with("ok-") {
+            assert!(
+                outcome.parsed,
+                "{name}: parse failed at line {:?}",
+                outcome.error_line
+            );
+            ok += 1;
+        } else if name.starts_with("err-") {
+            assert!(
+                !outcome.parsed,
+                "{name}: expected a parse error, got {outcome:?}"
+            );
+            err += 1;
+        }
+        if name == "ok-default-device-rules" {
+            assert_eq!(String::from_utf8_lossy(data), DEFAULT_DEVICE_RULES);
+        }
+    }
+    assert!(ok >= 8, "only {ok} ok- seeds");
+    assert!(err >= 8, "only {err} err- seeds");
 }
