@@ -207,10 +207,14 @@ impl Broker {
             shutdown_rx.clone(),
         ));
         tasks.spawn(expiry_loop(router.clone(), shutdown_rx.clone()));
+        // Registered here, before anything is served, so an early SIGHUP cannot take the
+        // default action (terminating the process).
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tasks.spawn(reload::run(
             runtimes,
             router.clone(),
             config.reload.clone(),
+            hup,
             shutdown_rx.clone(),
         ));
         Ok(Broker {

@@ -257,6 +257,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first, so a signal that arrives while the broker starts is not lost.
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot install the SIGTERM/SIGINT handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let broker = match Broker::start(config).await {
         Ok(b) => b,
         Err(e) => {
@@ -265,16 +277,9 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot install the SIGTERM handler: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     broker.shutdown().await;
     ExitCode::SUCCESS
@@ -407,10 +412,12 @@ fn acl_check(
         (None, Some(c)) => match Config::load(&c) {
             Ok(cfg) => match cfg.auth.acl_file {
                 Some(a) => a,
-                None => return bad(format!(
+                None => {
+                    return bad(format!(
                     "{}: no [auth] acl_file; every authenticated client may use every non-$ topic",
                     c.display()
-                )),
+                ))
+                }
             },
             Err(e) => return bad(e.to_string()),
         },

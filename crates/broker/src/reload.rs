@@ -126,9 +126,9 @@ pub async fn run(
     listeners: Vec<Arc<ListenerRuntime>>,
     router: Arc<Router>,
     config: ReloadConfig,
+    mut hup: Option<tokio::signal::unix::Signal>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let period = Duration::from_secs(config.watch_interval_secs.max(1));
     let mut tick = tokio::time::interval(period);
     tick.tick().await;
