@@ -49,6 +49,10 @@ pub struct Config {
     pub abuse: crate::abuse::AbuseConfig,
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
+    #[serde(default)]
+    pub ctl: crate::ctl::CtlConfig,
     /// Where the configuration was read from (for error messages); not a TOML key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -408,6 +412,12 @@ impl Config {
         fix(&mut self.persistence.path);
         if let Some(a) = &mut self.auth.acl_file {
             fix(a);
+        }
+        if let Some(a) = &mut self.audit.file {
+            fix(a);
+        }
+        if let Some(c) = &mut self.ctl.socket {
+            fix(c);
         }
         if let Some(p) = &mut self.auth.passwords {
             fix(&mut p.file);

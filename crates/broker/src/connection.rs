@@ -393,6 +393,7 @@ impl Connection {
                 listener: listener.name.clone(),
                 revocation_key: certificate.as_ref().map(|c| c.revocation_key.clone()),
                 via_password,
+                tls_version: transport.tls_version().map(str::to_string),
                 connected_at: crate::router::unix_now(),
                 kick: attached.kick.clone(),
             },

@@ -16,9 +16,11 @@
 #![forbid(unsafe_code)]
 
 pub mod abuse;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod ctl;
 pub mod doctor;
 pub mod listener;
 pub mod reload;
@@ -207,6 +209,17 @@ impl Broker {
             shutdown_rx.clone(),
         ));
         tasks.spawn(expiry_loop(router.clone(), shutdown_rx.clone()));
+        if let Some(path) = &config.ctl.socket {
+            let sock = ctl::bind(path)
+                .map_err(|e| StartError::Config(format!("[ctl] socket {}: {e}", path.display())))?;
+            tracing::info!(socket = %path.display(), "control socket ready");
+            tasks.spawn(ctl::serve(
+                sock,
+                shared.clone(),
+                runtimes.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         // Registered here, before anything is served, so an early SIGHUP cannot take the
         // default action (terminating the process).
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();

@@ -74,6 +74,28 @@ Exit codes: 0 allowed, 1 denied, 64 the ACL or configuration file is unusable.")
         #[command(subcommand)]
         action: AclCommand,
     },
+    /// Talk to the running broker over its control socket ([ctl] socket): list sessions,
+    /// disconnect a client, manage bans, reload certificates, ACL and passwords.
+    #[command(after_help = "\
+Examples:
+  bulwark-broker ctl --config /etc/bulwark/broker.toml sessions
+  bulwark-broker ctl --socket /run/bulwark/ctl.sock kick gw-17
+  bulwark-broker ctl --socket /run/bulwark/ctl.sock ban 192.0.2.7 --seconds 3600
+  bulwark-broker ctl --socket /run/bulwark/ctl.sock unban user:alice
+  bulwark-broker ctl --socket /run/bulwark/ctl.sock reload")]
+    Ctl {
+        /// The control socket.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        socket: Option<PathBuf>,
+        /// Or: the broker configuration, whose [ctl] socket is used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the broker's JSON reply instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: CtlCommand,
+    },
     /// Manage the password file: the users that log in with a username and password.
     #[command(after_help = PASSWD_HELP)]
     Passwd {
@@ -104,6 +126,28 @@ runs as, e.g. `chown bulwark /etc/bulwark/passwd`.
 The broker reads the file when it starts: restart it after a change.
 
 Exit codes: 0 done, 1 nothing changed (the message says why), 2 wrong command line.";
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// List connected clients: client id, identity, address, listener, TLS version,
+    /// subscriptions.
+    Sessions,
+    /// Disconnect the client with this client id (its persistent session is kept).
+    Kick { client_id: String },
+    /// List the bans in force.
+    Bans,
+    /// Ban an address and disconnect its clients.
+    Ban {
+        address: String,
+        /// How long.
+        #[arg(long, default_value_t = 3600)]
+        seconds: u64,
+    },
+    /// Lift a ban: an address, or user:NAME.
+    Unban { what: String },
+    /// Reload TLS material, CRLs, the ACL and the password file now.
+    Reload,
+}
 
 #[derive(Debug, Subcommand)]
 enum AclCommand {
@@ -160,25 +204,63 @@ enum PasswdCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logging: the main log on stderr (text or JSON, filtered by `BULWARK_LOG`), audit
+/// events counted for `$SYS`, and, with `[audit] file`, audit events also as JSON lines in
+/// a rotating file.
+fn init_logging(
+    format: LogFormat,
+    audit: Option<&bulwark_broker::audit::AuditConfig>,
+) -> Result<(), String> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
+    let main_layer = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
+            .with_writer(std::io::stderr)
+            .boxed(),
     }
+    .with_filter(filter);
+    let file_layer = match audit.and_then(|a| a.file.as_ref().map(|f| (a, f))) {
+        Some((a, path)) => {
+            let file =
+                bulwark_broker::audit::RotatingFile::open(path, a.max_file_bytes, a.max_files)
+                    .map_err(|e| format!("[audit] file {}: {e}", path.display()))?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(bulwark_broker::audit::AuditWriter(std::sync::Arc::new(
+                        file,
+                    )))
+                    .with_filter(
+                        tracing_subscriber::filter::Targets::new()
+                            .with_target(bulwark_broker::audit::TARGET, tracing::Level::TRACE),
+                    ),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(main_layer)
+        .with(bulwark_broker::audit::AuditCounter)
+        .with(file_layer)
+        .init();
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    if !matches!(cli.command, Command::Run { .. }) {
+        let _ = init_logging(cli.log_format, None);
+    }
     match cli.command {
         Command::Passwd { action } => match passwd(action) {
             Ok(()) => ExitCode::SUCCESS,
@@ -215,6 +297,12 @@ fn main() -> ExitCode {
                     action,
                 },
         } => acl_check(acl, config, user, client_id, &topic, action),
+        Command::Ctl {
+            socket,
+            config,
+            json,
+            action,
+        } => ctl(socket, config, json, action),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {
                 println!(
@@ -241,6 +329,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG as u8);
                 }
             };
+            if let Err(e) = init_logging(cli.log_format, Some(&config.audit)) {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            }
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -454,5 +546,106 @@ fn acl_check(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+fn ctl(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    json: bool,
+    action: CtlCommand,
+) -> ExitCode {
+    use bulwark_broker::ctl::{request, Reply, Request};
+    let socket = match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => match Config::load(&c) {
+            Ok(cfg) => match cfg.ctl.socket {
+                Some(s) => s,
+                None => {
+                    eprintln!("error: {}: no [ctl] socket configured", c.display());
+                    return ExitCode::from(EXIT_BAD_CONFIG as u8);
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give --socket PATH or --config FILE");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    let req = match action {
+        CtlCommand::Sessions => Request::Sessions,
+        CtlCommand::Kick { client_id } => Request::Kick { client_id },
+        CtlCommand::Bans => Request::Bans,
+        CtlCommand::Ban { address, seconds } => Request::Ban { address, seconds },
+        CtlCommand::Unban { what } => Request::Unban { what },
+        CtlCommand::Reload => Request::Reload,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reply = match rt.block_on(request(&socket, &req)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+    }
+    match reply {
+        Reply::Error { error, .. } => {
+            if !json {
+                eprintln!("error: {error}");
+            }
+            ExitCode::FAILURE
+        }
+        _ if json => ExitCode::SUCCESS,
+        Reply::Sessions { sessions, .. } => {
+            println!(
+                "{:<24} {:<20} {:<22} {:<10} {:<8} SUBS",
+                "CLIENT ID", "IDENTITY", "ADDRESS", "LISTENER", "TLS"
+            );
+            for s in sessions {
+                println!(
+                    "{:<24} {:<20} {:<22} {:<10} {:<8} {}",
+                    s.client_id.escape_debug().to_string(),
+                    s.identity
+                        .as_deref()
+                        .unwrap_or("-")
+                        .escape_debug()
+                        .to_string(),
+                    s.address,
+                    s.listener,
+                    s.tls_version.as_deref().unwrap_or("-"),
+                    s.subscriptions
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Reply::Bans { bans, .. } => {
+            if bans.is_empty() {
+                println!("no bans in force");
+            }
+            for b in bans {
+                println!("{:<40} {} s left", b.what, b.remaining_secs);
+            }
+            ExitCode::SUCCESS
+        }
+        Reply::Done { message, .. } => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
     }
 }

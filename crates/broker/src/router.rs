@@ -144,6 +144,7 @@ pub struct LiveConnection {
     pub revocation_key: Option<crate::tls::RevokedKey>,
     /// Authenticated with a password (so removing the user cuts it off).
     pub via_password: bool,
+    pub tls_version: Option<String>,
     /// Unix seconds.
     pub connected_at: u64,
     pub kick: Arc<Notify>,
@@ -682,6 +683,14 @@ impl Router {
             }
         }
         removed
+    }
+
+    /// Subscriptions the session of `client_id` holds.
+    pub fn subscription_count(&self, client_id: &str) -> usize {
+        self.lock()
+            .sessions
+            .get(client_id)
+            .map_or(0, |s| s.subscriptions.len())
     }
 
     pub fn authority(&self) -> &Arc<Authority> {

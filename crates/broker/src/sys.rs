@@ -14,10 +14,10 @@ use crate::router::{Metrics, Router};
 use crate::session::Message;
 
 /// The topics and their current values.
-pub fn snapshot(router: &Router) -> Vec<(&'static str, String)> {
+pub fn snapshot(router: &Router) -> Vec<(String, String)> {
     let m = &router.metrics;
     let stats = router.stats();
-    vec![
+    let fixed: Vec<(&str, String)> = vec![
         (
             "$SYS/broker/version",
             format!("bulwark-broker {}", crate::VERSION),
@@ -71,7 +71,18 @@ pub fn snapshot(router: &Router) -> Vec<(&'static str, String)> {
             "$SYS/broker/protocol_errors",
             Metrics::get(&m.protocol_errors).to_string(),
         ),
-    ]
+        (
+            "$SYS/broker/messages/denied",
+            Metrics::get(&m.deliveries_denied).to_string(),
+        ),
+    ];
+    let mut out: Vec<(String, String)> =
+        fixed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    // One topic per audit event kind seen so far.
+    for (event, n) in crate::audit::counts().snapshot() {
+        out.push((format!("$SYS/broker/audit/{event}"), n.to_string()));
+    }
+    out
 }
 
 /// Publishes the current figures once.

@@ -83,6 +83,20 @@ fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
 }
 
 impl Transport {
+    /// "TLSv1.3", "TLSv1.2", or `None` for plain TCP.
+    pub fn tls_version(&self) -> Option<&'static str> {
+        let conn = match self {
+            Transport::Tcp(_) => return None,
+            Transport::Tls(s) => s.get_ref().1,
+            Transport::Wss(ws) => ws.get_ref().get_ref().1,
+        };
+        conn.protocol_version().map(|v| match v {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+            _ => "other",
+        })
+    }
+
     /// Reads available bytes into `buf`; `Ok(0)` at end of stream. Cancel-safe.
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
