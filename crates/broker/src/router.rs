@@ -493,20 +493,27 @@ impl Router {
         }
         let mut codes = Vec::with_capacity(filters.len());
         let mut granted = Vec::new();
+        // Refusals by bound are audited once per SUBSCRIBE packet (a client asking for
+        // 100k subscriptions gets one line, not 100k).
+        let mut refused: Option<(&TopicFilter, &'static str, usize)> = None;
+        let mut refuse = |f: &'static str, filter| match &mut refused {
+            Some((_, _, n)) => *n += 1,
+            None => refused = Some((filter, f, 1)),
+        };
         for (filter, qos) in filters {
             if !allow(filter) {
                 codes.push(SubscribeReturnCode::Failure);
                 continue;
             }
             if filter.level_count() > self.limits.max_topic_levels {
-                tracing::warn!(target: "audit", event = "subscribe_refused", client_id = %client_id.escape_debug(), filter = %filter.as_str().escape_debug(), reason = "too many topic levels");
+                refuse("too many topic levels", filter);
                 codes.push(SubscribeReturnCode::Failure);
                 continue;
             }
             if !s.subscriptions.contains_key(filter)
                 && s.subscriptions.len() >= self.limits.max_subscriptions_per_client
             {
-                tracing::warn!(target: "audit", event = "subscribe_refused", client_id = %client_id.escape_debug(), filter = %filter.as_str().escape_debug(), reason = "limits.max_subscriptions_per_client reached");
+                refuse("limits.max_subscriptions_per_client reached", filter);
                 codes.push(SubscribeReturnCode::Failure);
                 continue;
             }
@@ -514,6 +521,17 @@ impl Router {
             st.trie.insert(filter, client_id.clone(), *qos);
             codes.push(SubscribeReturnCode::Success(*qos));
             granted.push((filter.clone(), *qos));
+        }
+        if let Some((filter, reason, count)) = refused {
+            tracing::warn!(
+                target: "audit",
+                event = "subscribe_refused",
+                client_id = %client_id.escape_debug(),
+                filter = %filter.as_str().escape_debug(),
+                reason,
+                count,
+                "subscription(s) refused"
+            );
         }
         let mut wrote = false;
         if s.persistent {
