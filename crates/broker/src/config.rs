@@ -622,18 +622,6 @@ impl Config {
         }
         if let Some(acl) = &self.auth.acl_file {
             crate::auth::load_acl(acl).map_err(|e| self.invalid("auth.acl_file", e))?;
-            if let Some(mode) = file_mode(acl) {
-                if mode & 0o022 != 0 {
-                    return Err(self.invalid(
-                        "auth.acl_file",
-                        format!(
-                            "{} is writable by group or others (mode {mode:04o}); run `chmod 644 {}`",
-                            acl.display(),
-                            acl.display()
-                        ),
-                    ));
-                }
-            }
         }
         for (i, a) in self.abuse.allow_list.iter().enumerate() {
             if let Err(e) = crate::abuse::Network::parse(a) {

@@ -44,6 +44,17 @@ pattern read $SYS/#
 /// Reads and parses an ACL file; the error names the file and the line. A file without
 /// rules is refused: it would deny everything, which is never what an operator meant.
 pub fn load_acl(path: &Path) -> Result<AclFile, String> {
+    // Who can write the ACL can grant themselves anything: checked at start and at
+    // every reload.
+    if let Some(mode) = crate::config::file_mode(path) {
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "{} is writable by group or others (mode {mode:04o}); run `chmod 644 {}`",
+                path.display(),
+                path.display()
+            ));
+        }
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read the ACL file: {e}", path.display()))?;
     let acl = AclFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
