@@ -174,3 +174,67 @@ fn r3_huge_subscribe_is_capped_and_memory_stays_bounded() {
         vec![0xd0, 0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t3_wildcard_for_a_whole_tld_is_not_accepted_by_clients() {
+    // The broker is given a certificate for `*.com`; a client with our TLS settings that
+    // connects to `broker.com` must refuse it (a wildcard may not cover a public suffix).
+    let b = TestBroker::start(BrokerConfig {
+        extra: "[reload]\nwatch_interval_secs = 0\n".into(),
+        ..BrokerConfig::default()
+    });
+    let wild = b
+        .pki
+        .ca
+        .issue(&CertSpec::server("wild", &["*.com"]))
+        .unwrap();
+    let tmp = b.pki.dir.path().join("wild.tmp");
+    bulwark_integration_tests::write_private(&tmp, &wild.key_pem);
+    std::fs::rename(&tmp, &b.pki.server_key).unwrap();
+    std::fs::write(&tmp, &wild.cert_pem).unwrap();
+    std::fs::rename(&tmp, &b.pki.server_cert).unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &b.process.pid().to_string()])
+        .status()
+        .unwrap();
+    b.process
+        .wait_audit("reload", &[("what", "tls"), ("listener", "tls")]);
+    let c = b.pki.client("app");
+    let tcp = tokio::net::TcpStream::connect(b.addr("tls")).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("broker.com").unwrap();
+    let r = tokio_rustls::TlsConnector::from(b.pki.rustls_client_config(Some(&c)))
+        .connect(name, tcp)
+        .await;
+    assert!(
+        r.is_err(),
+        "a *.com certificate must not be accepted for broker.com"
+    );
+
+    // Control: a wildcard one label below a registrable domain is fine, so the refusal
+    // above is about the wildcard's reach, not about wildcards as such.
+    let ok = b
+        .pki
+        .ca
+        .issue(&CertSpec::server("wild-ok", &["*.example.com"]))
+        .unwrap();
+    bulwark_integration_tests::write_private(&tmp, &ok.key_pem);
+    std::fs::rename(&tmp, &b.pki.server_key).unwrap();
+    std::fs::write(&tmp, &ok.cert_pem).unwrap();
+    std::fs::rename(&tmp, &b.pki.server_cert).unwrap();
+    let before = b.process.count_log(|v| v["event"] == "reload");
+    std::process::Command::new("kill")
+        .args(["-HUP", &b.process.pid().to_string()])
+        .status()
+        .unwrap();
+    b.process
+        .wait_log(Duration::from_secs(10), |_| {
+            b.process.count_log(|v| v["event"] == "reload") > before
+        })
+        .expect("second reload");
+    let tcp = tokio::net::TcpStream::connect(b.addr("tls")).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("broker.example.com").unwrap();
+    tokio_rustls::TlsConnector::from(b.pki.rustls_client_config(Some(&c)))
+        .connect(name, tcp)
+        .await
+        .expect("*.example.com covers broker.example.com");
+}

@@ -435,6 +435,24 @@ impl Config {
     /// Checks everything that can be checked before binding: listener combinations,
     /// secure-default opt-outs, files that must exist, and bounds.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_inner(true)
+    }
+
+    /// Reads, parses and validates `path` without the checks of the files it names
+    /// (permissions, password and ACL contents), which `doctor` reports item by item.
+    pub fn load_for_doctor(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate_inner(false)?;
+        Ok(config)
+    }
+
+    fn validate_inner(&self, check_files: bool) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
             return Err(self.invalid(
                 "listener",
@@ -538,7 +556,12 @@ impl Config {
                         ));
                     }
                 }
-                if let Err(e) = check_private_file(&tls.key_file) {
+                let key_ok = if check_files {
+                    check_private_file(&tls.key_file)
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = key_ok {
                     return Err(self.invalid(format!("{key}.tls.key_file"), e));
                 }
                 let cert_auth = tls.client_certificates == ClientCertificates::Required;
@@ -577,7 +600,7 @@ impl Config {
                 ));
             }
         }
-        if self.persistence.enabled && self.persistence.path.exists() {
+        if check_files && self.persistence.enabled && self.persistence.path.exists() {
             if let Err(e) = check_private_dir(&self.persistence.path) {
                 return Err(self.invalid("persistence.path", e));
             }
@@ -618,10 +641,15 @@ impl Config {
             pc.validate().map_err(|e| {
                 self.invalid(format!("auth.passwords.{}", e.key), e.message.clone())
             })?;
-            crate::auth::load_passwords(pc).map_err(|e| self.invalid("auth.passwords.file", e))?;
+            if check_files {
+                crate::auth::load_passwords(pc)
+                    .map_err(|e| self.invalid("auth.passwords.file", e))?;
+            }
         }
         if let Some(acl) = &self.auth.acl_file {
-            crate::auth::load_acl(acl).map_err(|e| self.invalid("auth.acl_file", e))?;
+            if check_files {
+                crate::auth::load_acl(acl).map_err(|e| self.invalid("auth.acl_file", e))?;
+            }
         }
         for (i, a) in self.abuse.allow_list.iter().enumerate() {
             if let Err(e) = crate::abuse::Network::parse(a) {

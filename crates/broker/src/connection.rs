@@ -858,6 +858,11 @@ impl Connection {
 type Refusal = (ConnectReturnCode, String);
 
 fn auth_failure(shared: &Shared, peer: SocketAddr, user: Option<&str>, reason: &str) {
+    log_auth_failure(peer, user, reason);
+    record_auth_failure(shared, peer, user);
+}
+
+fn log_auth_failure(peer: SocketAddr, user: Option<&str>, reason: &str) {
     tracing::warn!(
         target: "audit",
         event = "auth_failure",
@@ -866,6 +871,9 @@ fn auth_failure(shared: &Shared, peer: SocketAddr, user: Option<&str>, reason: &
         reason,
         "authentication failed"
     );
+}
+
+fn record_auth_failure(shared: &Shared, peer: SocketAddr, user: Option<&str>) {
     for ban in shared
         .abuse
         .record_failure(peer.ip(), user, std::time::Instant::now())
@@ -975,7 +983,9 @@ async fn verify_password(
         .abuse
         .check_user(peer.ip(), user, std::time::Instant::now())
     {
-        auth_failure(shared, peer, Some(user), &format!("{refusal:?}"));
+        // Logged, but not counted: attempts during a ban must not extend it, or an
+        // attacker could keep the real user locked out for as long as the attack lasts.
+        log_auth_failure(peer, Some(user), &format!("{refusal:?}"));
         return Err(bad("username temporarily banned after repeated failures"));
     }
     let password = connect.password.as_deref().unwrap_or(&[]);

@@ -51,7 +51,7 @@ fn finding(item: &'static str, status: Status, detail: impl Into<String>) -> Fin
 /// Runs every check on the configuration file at `path`.
 pub fn check(path: &Path) -> Vec<Finding> {
     let mut out = Vec::new();
-    let config = match Config::load(path) {
+    let config = match Config::load_for_doctor(path) {
         Ok(c) => {
             out.push(finding(
                 "config",
@@ -143,6 +143,11 @@ fn client_authentication(c: &Config) -> Finding {
             .unwrap_or(ClientCertificates::None);
         match (certs, l.identity) {
             (ClientCertificates::Required, _) => {}
+            // The identity source itself demands a verified certificate.
+            (
+                ClientCertificates::Optional,
+                IdentitySource::Certificate | IdentitySource::CertificateAndPassword,
+            ) => {}
             (_, IdentitySource::Password | IdentitySource::CertificateOrPassword)
                 if c.auth.passwords.is_some() =>
             {

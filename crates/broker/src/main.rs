@@ -123,7 +123,8 @@ Examples:
 The file is written with mode 0600 (readable by its owner only). The broker refuses
 to start if group or others can read it, so it must be owned by the user the broker
 runs as, e.g. `chown bulwark /etc/bulwark/passwd`.
-The broker reads the file when it starts: restart it after a change.
+A running broker re-reads the file within reload.watch_interval_secs (or on SIGHUP):
+new users can log in and removed users are disconnected, without a restart.
 
 Exit codes: 0 done, 1 nothing changed (the message says why), 2 wrong command line.";
 
