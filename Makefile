@@ -23,7 +23,7 @@ certs: build
 test: build test-rust fuzz-smoke
 
 test-rust:
-	$(CARGO) test --workspace
+	timeout 1500 $(CARGO) test --workspace
 
 fuzz-smoke:
 	./scripts/fuzz-smoke.sh $(FUZZ_SECONDS)

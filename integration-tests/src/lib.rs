@@ -391,19 +391,28 @@ impl BrokerProcess {
     ) -> Option<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.log;
-        let mut st = m.lock().unwrap();
+        let mut checked = 0;
         loop {
-            if let Some(v) = st.lines.iter().find(|v| pred(v)) {
-                return Some(v.clone());
+            // `pred` runs without the lock held, so it may call other log methods.
+            let (new, closed) = {
+                let st = m.lock().unwrap();
+                (st.lines[checked..].to_vec(), st.closed)
+            };
+            checked += new.len();
+            if let Some(v) = new.into_iter().find(|v| pred(v)) {
+                return Some(v);
             }
-            if st.closed {
+            if closed {
                 return None;
             }
             let now = Instant::now();
             if now >= deadline {
                 return None;
             }
-            st = cv.wait_timeout(st, deadline - now).unwrap().0;
+            let st = m.lock().unwrap();
+            if st.lines.len() == checked && !st.closed {
+                drop(cv.wait_timeout(st, deadline - now).unwrap());
+            }
         }
     }
 

@@ -263,6 +263,19 @@ fn packet_number(p: &Packet) -> u8 {
     }
 }
 
+/// Answers CONNECT with a refusal and closes.
+async fn send_refusal(transport: &mut Transport, code: ConnectReturnCode) {
+    let _ = send_packets(
+        transport,
+        &[Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+        })],
+    )
+    .await;
+    transport.shutdown().await;
+}
+
 async fn send_packets(transport: &mut Transport, packets: &[Packet]) -> std::io::Result<usize> {
     let mut buf = BytesMut::new();
     for p in packets {
@@ -341,18 +354,7 @@ impl Connection {
         };
         let (identity, client_id, via_password) = match checked {
             Ok(v) => v,
-            Err(code) => {
-                let _ = send_packets(
-                    &mut transport,
-                    &[Packet::ConnAck(ConnAck {
-                        session_present: false,
-                        code,
-                    })],
-                )
-                .await;
-                transport.shutdown().await;
-                return;
-            }
+            Err(code) => return send_refusal(&mut transport, code).await,
         };
         if let Some(i) = &identity {
             span.record("identity", field::display(i.escape_debug()));
@@ -372,16 +374,7 @@ impl Connection {
                         identity.as_deref(),
                         "client id belongs to a session of another identity",
                     );
-                    let _ = send_packets(
-                        &mut transport,
-                        &[Packet::ConnAck(ConnAck {
-                            session_present: false,
-                            code,
-                        })],
-                    )
-                    .await;
-                    transport.shutdown().await;
-                    return;
+                    return send_refusal(&mut transport, code).await;
                 }
             };
         router.register_connection(
