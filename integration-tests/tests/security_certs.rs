@@ -38,10 +38,19 @@ async fn refused(b: &TestBroker, cert: &ClientCert) {
         let r = Client::connect(options(&cert.name, &via)).await;
         assert!(r.is_err(), "{} must be refused on {listener}", cert.name);
     }
-    let n = b
+    // The broker logs the failure after the client has seen it: wait for the lines.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b
         .process
-        .count_log(|v| v["event"] == "tls_handshake_failed");
-    assert!(n >= 2, "handshake failures audited");
+        .count_log(|v| v["event"] == "tls_handshake_failed")
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "handshake failures audited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         b.process
             .count_log(|v| v["event"] == "connect" && v["client_id"] == cert.name.as_str()),
