@@ -337,9 +337,19 @@ impl BrokerProcess {
 
     /// Starts the broker without waiting for anything (for start-up failure tests).
     pub fn spawn(config: &str, dir: &Path) -> BrokerProcess {
-        let config_path = dir.join("broker.toml");
+        Self::spawn_program("bulwark-broker", "broker.toml", config, dir)
+    }
+
+    /// Starts `bulwark-agent run` with `config` (written to `dir/agent.toml`); its JSON log
+    /// is collected like the broker's.
+    pub fn spawn_agent(config: &str, dir: &Path) -> BrokerProcess {
+        Self::spawn_program("bulwark-agent", "agent.toml", config, dir)
+    }
+
+    fn spawn_program(bin: &str, file: &str, config: &str, dir: &Path) -> BrokerProcess {
+        let config_path = dir.join(file);
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(bin_path("bulwark-broker"))
+        let mut child = Command::new(bin_path(bin))
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
             .env("BULWARK_LOG", "debug")
@@ -347,7 +357,7 @@ impl BrokerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn bulwark-broker");
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new((Mutex::new(LogState::default()), Condvar::new()));
         let l2 = log.clone();

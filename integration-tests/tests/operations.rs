@@ -28,6 +28,9 @@ fn start() -> Ops {
         ),
         ..BrokerConfig::default()
     });
+    b.process
+        .wait_log(T, |v| v["message"] == "control socket ready")
+        .expect("control socket");
     Ops {
         b,
         socket,

@@ -8,6 +8,8 @@
 //!   before anything is allocated; every normative "MUST" of the spec that a receiver can
 //!   check is a [`DecodeError`].
 //! - [`topic`]: validated [`TopicName`] (no wildcards) and [`TopicFilter`] types.
+//! - [`envelope`]: the JSON [`TelemetryEnvelope`] agents publish on
+//!   `devices/<device>/data/<series>`, and its timestamp format.
 //! - [`trie`]: [`SubscriptionTrie`], whose matching cost grows with topic depth, not with
 //!   the number of subscriptions.
 //!
@@ -19,6 +21,7 @@
 
 pub mod acl;
 pub mod codec;
+pub mod envelope;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod packet;
@@ -29,6 +32,7 @@ pub use acl::{
     filter_contains, filters_intersect, AclError, AclFile, Decision, Principal, Reason, RuleRef,
 };
 pub use codec::{decode, encode, encoded_len, DecodeError, DecodeLimits, EncodeError};
+pub use envelope::{EnvelopeError, Payload, TelemetryEnvelope};
 pub use packet::*;
 pub use topic::{TopicError, TopicFilter, TopicName};
 pub use trie::SubscriptionTrie;

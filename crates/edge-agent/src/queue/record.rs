@@ -1,0 +1,342 @@
+//! The on-disk encoding of a queued record, and its hand-written decoder.
+//!
+//! ```text
+//! u8   record version (1)
+//! u64  seq            big-endian, equal to the record's key
+//! u64  ts_ms          Unix milliseconds, at most MAX_TS_MILLIS
+//! u64  enqueued_ms    Unix milliseconds
+//! u32  series length, then the series (UTF-8, a valid series: see validate_series)
+//! u8   payload kind   0 = JSON, 1 = bytes
+//! u32  payload length, then the payload (JSON text for kind 0)
+//! ```
+//!
+//! The decoder checks every length against the bytes that are left before it copies
+//! anything, so it never allocates more than its input, and it accepts exactly what the
+//! encoder can produce (a record the encoder would refuse is corrupt, not a record).
+
+use bulwark_protocol::envelope::{validate_series, Payload, MAX_TS_MILLIS};
+
+use super::StoredRecord;
+
+/// Version byte of the record encoding.
+pub const RECORD_VERSION: u8 = 1;
+
+/// Deepest JSON nesting a payload may have. serde_json refuses to parse nesting of 128 or
+/// more, so a deeper payload could be stored but never read back; it is refused on append.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+const KIND_JSON: u8 = 0;
+const KIND_BYTES: u8 = 1;
+
+/// Bytes of a record before its series: version, seq, ts_ms, enqueued_ms.
+const HEADER_LEN: usize = 1 + 8 + 8 + 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is truncated")]
+    Truncated,
+    #[error("unknown record version {0}")]
+    Version(u8),
+    #[error("series is not UTF-8")]
+    SeriesUtf8,
+    #[error("invalid series: {0}")]
+    Series(String),
+    #[error("timestamp {0} ms is after year 9999")]
+    Timestamp(u64),
+    #[error("unknown payload kind {0}")]
+    PayloadKind(u8),
+    #[error("JSON payload does not parse: {0}")]
+    Json(String),
+    #[error("JSON payload nests deeper than {MAX_JSON_DEPTH} levels")]
+    JsonTooDeep,
+    #[error("{0} is longer than 4 GiB")]
+    TooLong(&'static str),
+    #[error("{0} trailing bytes after the record")]
+    Trailing(usize),
+}
+
+/// Checks what [`encode`] would refuse, without encoding: series, timestamp, lengths and
+/// JSON depth.
+pub fn check(series: &str, ts_ms: u64, payload: &Payload) -> Result<(), RecordError> {
+    validate_series(series).map_err(|e| RecordError::Series(e.to_string()))?;
+    if ts_ms > MAX_TS_MILLIS {
+        return Err(RecordError::Timestamp(ts_ms));
+    }
+    if u32::try_from(series.len()).is_err() {
+        return Err(RecordError::TooLong("series"));
+    }
+    match payload {
+        Payload::Json(value) => {
+            if json_depth(value) > MAX_JSON_DEPTH {
+                return Err(RecordError::JsonTooDeep);
+            }
+        }
+        Payload::Bytes(bytes) => {
+            if u32::try_from(bytes.len()).is_err() {
+                return Err(RecordError::TooLong("payload"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Encodes `r`, refusing what [`decode`] would refuse.
+pub fn encode(r: &StoredRecord) -> Result<Vec<u8>, RecordError> {
+    check(&r.series, r.ts_ms, &r.payload)?;
+    let json;
+    let (kind, body): (u8, &[u8]) = match &r.payload {
+        Payload::Json(value) => {
+            json = serde_json::to_vec(value).map_err(|e| RecordError::Json(e.to_string()))?;
+            (KIND_JSON, &json)
+        }
+        Payload::Bytes(bytes) => (KIND_BYTES, bytes),
+    };
+    let body_len = u32::try_from(body.len()).map_err(|_| RecordError::TooLong("payload"))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + 4 + r.series.len() + 1 + 4 + body.len());
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&r.seq.to_be_bytes());
+    out.extend_from_slice(&r.ts_ms.to_be_bytes());
+    out.extend_from_slice(&r.enqueued_ms.to_be_bytes());
+    out.extend_from_slice(&(r.series.len() as u32).to_be_bytes());
+    out.extend_from_slice(r.series.as_bytes());
+    out.push(kind);
+    out.extend_from_slice(&body_len.to_be_bytes());
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
+/// Decodes a whole record; see the module documentation for what is checked.
+pub fn decode(bytes: &[u8]) -> Result<StoredRecord, RecordError> {
+    let mut r = Reader { buf: bytes };
+    let (seq, ts_ms, enqueued_ms) = read_header(&mut r)?;
+    let series = std::str::from_utf8(r.sized()?).map_err(|_| RecordError::SeriesUtf8)?;
+    validate_series(series).map_err(|e| RecordError::Series(e.to_string()))?;
+    if ts_ms > MAX_TS_MILLIS {
+        return Err(RecordError::Timestamp(ts_ms));
+    }
+    let kind = r.u8()?;
+    let body = r.sized()?;
+    let payload = match kind {
+        KIND_JSON => Payload::Json(
+            serde_json::from_slice(body).map_err(|e| RecordError::Json(e.to_string()))?,
+        ),
+        KIND_BYTES => Payload::Bytes(body.to_vec()),
+        other => return Err(RecordError::PayloadKind(other)),
+    };
+    if !r.buf.is_empty() {
+        return Err(RecordError::Trailing(r.buf.len()));
+    }
+    Ok(StoredRecord {
+        seq,
+        series: series.to_string(),
+        ts_ms,
+        enqueued_ms,
+        payload,
+    })
+}
+
+/// `(seq, ts_ms, enqueued_ms)` of an encoded record, without decoding the rest.
+pub fn header(bytes: &[u8]) -> Result<(u64, u64, u64), RecordError> {
+    read_header(&mut Reader { buf: bytes })
+}
+
+fn read_header(r: &mut Reader<'_>) -> Result<(u64, u64, u64), RecordError> {
+    let version = r.u8()?;
+    if version != RECORD_VERSION {
+        return Err(RecordError::Version(version));
+    }
+    Ok((r.u64()?, r.u64()?, r.u64()?))
+}
+
+/// Nesting depth of a JSON value (a scalar is 0, `[]` is 1), without recursion.
+fn json_depth(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(items) => Box::new(items.iter()),
+            serde_json::Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        if deepest > MAX_JSON_DEPTH {
+            return deepest;
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    deepest
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.buf.len() < n {
+            return Err(RecordError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+    /// A u32 length, then that many bytes (checked against what is left first).
+    fn sized(&mut self) -> Result<&'a [u8], RecordError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn rec(payload: Payload) -> StoredRecord {
+        StoredRecord {
+            seq: 42,
+            series: "line1/temp".into(),
+            ts_ms: 1_795_773_600_123,
+            enqueued_ms: 1_795_773_600_200,
+            payload,
+        }
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let enc = encode(&rec(Payload::Bytes(vec![9, 8]))).unwrap();
+        let mut want = vec![1];
+        want.extend_from_slice(&42u64.to_be_bytes());
+        want.extend_from_slice(&1_795_773_600_123u64.to_be_bytes());
+        want.extend_from_slice(&1_795_773_600_200u64.to_be_bytes());
+        want.extend_from_slice(&10u32.to_be_bytes());
+        want.extend_from_slice(b"line1/temp");
+        want.push(1);
+        want.extend_from_slice(&2u32.to_be_bytes());
+        want.extend_from_slice(&[9, 8]);
+        assert_eq!(enc, want);
+        assert_eq!(
+            header(&enc).unwrap(),
+            (42, 1_795_773_600_123, 1_795_773_600_200)
+        );
+    }
+
+    #[test]
+    fn round_trips_and_refuses_every_truncation() {
+        for payload in [
+            Payload::Json(json!({"c": 21.5, "ok": [true, null, "x"]})),
+            Payload::Json(json!(null)),
+            Payload::Bytes(vec![]),
+            Payload::Bytes(vec![0xff; 300]),
+        ] {
+            let r = rec(payload);
+            let enc = encode(&r).unwrap();
+            assert_eq!(decode(&enc).unwrap(), r);
+            for cut in 0..enc.len() {
+                assert!(decode(&enc[..cut]).is_err(), "{cut}");
+            }
+            let mut long = enc.clone();
+            long.push(0);
+            assert_eq!(decode(&long), Err(RecordError::Trailing(1)));
+        }
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_sent_or_read() {
+        let mut enc = encode(&rec(Payload::Bytes(vec![1]))).unwrap();
+        enc[0] = 2;
+        assert_eq!(decode(&enc), Err(RecordError::Version(2)));
+        // A huge declared length fails before anything is allocated.
+        let mut huge = encode(&rec(Payload::Bytes(vec![]))).unwrap()[..HEADER_LEN].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode(&huge), Err(RecordError::Truncated));
+
+        for series in ["", "a/#", "+", "/a", "a/", "a\0"] {
+            let r = StoredRecord {
+                series: series.into(),
+                ..rec(Payload::Bytes(vec![]))
+            };
+            assert!(
+                matches!(encode(&r), Err(RecordError::Series(_))),
+                "{series:?}"
+            );
+        }
+        let late = StoredRecord {
+            ts_ms: MAX_TS_MILLIS + 1,
+            ..rec(Payload::Bytes(vec![]))
+        };
+        assert!(matches!(encode(&late), Err(RecordError::Timestamp(_))));
+
+        // Kind byte and JSON text.
+        let mut enc = encode(&rec(Payload::Json(json!(1)))).unwrap();
+        let kind_at = HEADER_LEN + 4 + "line1/temp".len();
+        enc[kind_at] = 7;
+        assert_eq!(decode(&enc), Err(RecordError::PayloadKind(7)));
+        enc[kind_at] = KIND_JSON;
+        let last = enc.len() - 1;
+        enc[last] = b'x';
+        assert!(matches!(decode(&enc), Err(RecordError::Json(_))));
+    }
+
+    #[test]
+    fn json_depth_limit_matches_serde_json() {
+        let nest = |depth: usize| {
+            let mut v = json!(1);
+            for _ in 0..depth {
+                v = json!([v]);
+            }
+            v
+        };
+        let deepest = rec(Payload::Json(nest(MAX_JSON_DEPTH)));
+        assert_eq!(json_depth(&nest(MAX_JSON_DEPTH)), MAX_JSON_DEPTH);
+        assert_eq!(decode(&encode(&deepest).unwrap()).unwrap(), deepest);
+        let too_deep = rec(Payload::Json(nest(MAX_JSON_DEPTH + 1)));
+        assert_eq!(encode(&too_deep), Err(RecordError::JsonTooDeep));
+        // And serde_json indeed cannot read it back.
+        let text = serde_json::to_vec(&nest(MAX_JSON_DEPTH + 1)).unwrap();
+        assert!(serde_json::from_slice::<serde_json::Value>(&text).is_err());
+        assert_eq!(json_depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
+        assert_eq!(json_depth(&json!([[], {}])), 2);
+        assert_eq!(json_depth(&json!("x")), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_records_round_trip(
+            seq in any::<u64>(),
+            series in "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,3}",
+            ts_ms in 0..=MAX_TS_MILLIS,
+            enqueued_ms in any::<u64>(),
+            bytes in prop::collection::vec(any::<u8>(), 0..64),
+            json in any::<bool>(),
+            number in any::<f64>().prop_filter("finite", |f| f.is_finite()),
+        ) {
+            let payload = if json {
+                Payload::Json(json!({"v": number, "b": bytes}))
+            } else {
+                Payload::Bytes(bytes)
+            };
+            let r = StoredRecord { seq, series, ts_ms, enqueued_ms, payload };
+            let enc = encode(&r).unwrap();
+            prop_assert_eq!(decode(&enc).unwrap(), r);
+        }
+
+        #[test]
+        fn decode_never_panics(data in prop::collection::vec(any::<u8>(), 0..128)) {
+            let _ = decode(&data);
+        }
+    }
+}
