@@ -218,7 +218,9 @@ async fn establish(
         }
         match decode(&mut rbuf, &pre_auth) {
             Ok(Some(Packet::Connect(c))) => return Ok((transport, c, certificate, rbuf)),
-            Ok(Some(p)) => return Err(SetupError::NotConnect(packet_number(&p))),
+            Ok(Some(p)) => {
+                return Err(SetupError::NotConnect(bulwark_protocol::codec::type_of(&p)))
+            }
             Ok(None) => {}
             Err(e) => {
                 if let Some(code) = e.connack_code() {
@@ -241,25 +243,6 @@ async fn establish(
         if n == 0 {
             return Err(SetupError::ClosedBeforeConnect);
         }
-    }
-}
-
-fn packet_number(p: &Packet) -> u8 {
-    match p {
-        Packet::Connect(_) => 1,
-        Packet::ConnAck(_) => 2,
-        Packet::Publish(_) => 3,
-        Packet::PubAck(_) => 4,
-        Packet::PubRec(_) => 5,
-        Packet::PubRel(_) => 6,
-        Packet::PubComp(_) => 7,
-        Packet::Subscribe(_) => 8,
-        Packet::SubAck(_) => 9,
-        Packet::Unsubscribe(_) => 10,
-        Packet::UnsubAck(_) => 11,
-        Packet::PingReq => 12,
-        Packet::PingResp => 13,
-        Packet::Disconnect => 14,
     }
 }
 

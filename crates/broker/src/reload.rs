@@ -5,8 +5,9 @@
 //! loudly. After a CRL change, connected clients whose certificate is now revoked are
 //! disconnected.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
@@ -14,6 +15,42 @@ use crate::config::ReloadConfig;
 use crate::connection::ListenerRuntime;
 use crate::router::Router;
 use crate::tls::Reload;
+
+/// Notices when any of a set of files changed (modification time or size) since the last
+/// look. Shared by everything that hot-reloads: TLS material, the ACL, the password file.
+#[derive(Debug)]
+pub struct FileWatch {
+    paths: Vec<PathBuf>,
+    last: Mutex<Vec<Option<(SystemTime, u64)>>>,
+}
+
+impl FileWatch {
+    pub fn new<'a>(paths: impl IntoIterator<Item = &'a Path>) -> FileWatch {
+        let paths: Vec<PathBuf> = paths.into_iter().map(Path::to_path_buf).collect();
+        let last = Mutex::new(Self::stamps(&paths));
+        FileWatch { paths, last }
+    }
+
+    fn stamps(paths: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+        paths
+            .iter()
+            .map(|p| {
+                let m = std::fs::metadata(p).ok()?;
+                Some((m.modified().ok()?, m.len()))
+            })
+            .collect()
+    }
+
+    /// True if a file changed since the last call (or `force`); either way the current
+    /// state becomes the reference for the next call.
+    pub fn changed(&self, force: bool) -> bool {
+        let now = Self::stamps(&self.paths);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = force || *last != now;
+        *last = now;
+        changed
+    }
+}
 
 /// Checks every listener once; `force` rebuilds even if no file changed (SIGHUP).
 pub fn reload_all(listeners: &[Arc<ListenerRuntime>], router: &Router, force: bool) {

@@ -4,9 +4,8 @@
 //! [`TlsMaterial`], which rebuilds the configuration when its files change.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -223,7 +222,7 @@ pub struct TlsMaterial {
     pub config: TlsConfig,
     acceptor: RwLock<tokio_rustls::TlsAcceptor>,
     revoked: RwLock<Arc<HashSet<RevokedKey>>>,
-    stamps: Mutex<Vec<FileStamp>>,
+    watch: crate::reload::FileWatch,
 }
 
 impl std::fmt::Debug for TlsMaterial {
@@ -232,15 +231,6 @@ impl std::fmt::Debug for TlsMaterial {
             .field("cert_file", &self.config.cert_file)
             .finish()
     }
-}
-
-type FileStamp = (PathBuf, Option<(SystemTime, u64)>);
-
-fn stamp(p: &Path) -> FileStamp {
-    let m = std::fs::metadata(p)
-        .ok()
-        .and_then(|m| Some((m.modified().ok()?, m.len())));
-    (p.to_path_buf(), m)
 }
 
 /// Outcome of [`TlsMaterial::reload_if_changed`].
@@ -253,13 +243,13 @@ pub enum Reload {
 
 impl TlsMaterial {
     pub fn new(config: &TlsConfig) -> Result<TlsMaterial, TlsSetupError> {
-        let stamps = Self::stamps_of(config);
+        let watch = crate::reload::FileWatch::new(Self::files(config));
         let (acceptor, revoked) = Self::build(config)?;
         Ok(TlsMaterial {
             config: config.clone(),
             acceptor: RwLock::new(acceptor),
             revoked: RwLock::new(Arc::new(revoked)),
-            stamps: Mutex::new(stamps),
+            watch,
         })
     }
 
@@ -268,10 +258,6 @@ impl TlsMaterial {
         v.extend(config.client_ca_file.as_deref());
         v.extend(config.crl_file.as_deref());
         v
-    }
-
-    fn stamps_of(config: &TlsConfig) -> Vec<FileStamp> {
-        Self::files(config).into_iter().map(stamp).collect()
     }
 
     fn build(
@@ -302,13 +288,8 @@ impl TlsMaterial {
 
     /// Rebuilds if any file changed since the last (attempted) build, or if `force`.
     pub fn reload_if_changed(&self, force: bool) -> Reload {
-        let now = Self::stamps_of(&self.config);
-        {
-            let mut last = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
-            if !force && *last == now {
-                return Reload::Unchanged;
-            }
-            *last = now;
+        if !self.watch.changed(force) {
+            return Reload::Unchanged;
         }
         match Self::build(&self.config) {
             Ok((acceptor, revoked)) => {

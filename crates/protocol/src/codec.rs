@@ -341,6 +341,11 @@ fn fixed_remaining_length(packet_type: u8) -> Option<usize> {
     }
 }
 
+/// The control packet type number (1..=14) of `packet`.
+pub fn type_of(packet: &Packet) -> u8 {
+    first_byte(packet) >> 4
+}
+
 fn first_byte(packet: &Packet) -> u8 {
     use packet_type::*;
     let (packet_type, flags) = match packet {

@@ -9,14 +9,14 @@
 pub mod passwords;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::sync::{Arc, RwLock};
 
 use bulwark_protocol::acl::{AclFile, Decision, Principal};
 use bulwark_protocol::{TopicFilter, TopicName};
 use serde::Deserialize;
 
 use self::passwords::{PasswordConfig, PasswordFile, Verifier};
+use crate::reload::FileWatch;
 
 /// `[auth]` in the broker configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -67,13 +67,6 @@ pub fn load_acl(path: &Path) -> Result<AclFile, String> {
     Ok(acl)
 }
 
-type Stamp = Option<(SystemTime, u64)>;
-
-fn stamp(p: &Path) -> Stamp {
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
 /// A change that a reload made.
 #[derive(Debug)]
 pub enum AuthReload {
@@ -88,10 +81,10 @@ pub enum AuthReload {
 pub struct Authority {
     acl: RwLock<Arc<AclFile>>,
     acl_path: Option<PathBuf>,
-    acl_stamp: Mutex<Stamp>,
+    acl_watch: FileWatch,
     verifier: Option<Verifier>,
     passwords: Option<PasswordConfig>,
-    password_stamp: Mutex<Stamp>,
+    password_watch: FileWatch,
 }
 
 impl Authority {
@@ -110,10 +103,10 @@ impl Authority {
         };
         Ok(Authority {
             acl: RwLock::new(Arc::new(acl)),
-            acl_stamp: Mutex::new(config.acl_file.as_deref().and_then(stamp)),
+            acl_watch: FileWatch::new(config.acl_file.as_deref()),
             acl_path: config.acl_file.clone(),
             verifier,
-            password_stamp: Mutex::new(config.passwords.as_ref().and_then(|p| stamp(&p.file))),
+            password_watch: FileWatch::new(config.passwords.as_ref().map(|p| p.file.as_path())),
             passwords: config.passwords.clone(),
         })
     }
@@ -161,14 +154,7 @@ impl Authority {
     pub fn reload_if_changed(&self, force: bool) -> Vec<AuthReload> {
         let mut out = Vec::new();
         if let Some(path) = &self.acl_path {
-            let now = stamp(path);
-            let changed = {
-                let mut last = self.acl_stamp.lock().unwrap_or_else(|p| p.into_inner());
-                let changed = force || *last != now;
-                *last = now;
-                changed
-            };
-            if changed {
+            if self.acl_watch.changed(force) {
                 match load_acl(path) {
                     Ok(acl) => {
                         let rules = acl.rule_count();
@@ -180,17 +166,7 @@ impl Authority {
             }
         }
         if let (Some(pc), Some(verifier)) = (&self.passwords, &self.verifier) {
-            let now = stamp(&pc.file);
-            let changed = {
-                let mut last = self
-                    .password_stamp
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let changed = force || *last != now;
-                *last = now;
-                changed
-            };
-            if changed {
+            if self.password_watch.changed(force) {
                 match pc.load_file() {
                     Ok(new) => {
                         let mut guard = verifier.file().write().unwrap_or_else(|p| p.into_inner());
