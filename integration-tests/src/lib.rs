@@ -337,22 +337,35 @@ impl BrokerProcess {
 
     /// Starts the broker without waiting for anything (for start-up failure tests).
     pub fn spawn(config: &str, dir: &Path) -> BrokerProcess {
-        Self::spawn_program("bulwark-broker", "broker.toml", config, dir)
+        Self::spawn_program("bulwark-broker", "broker.toml", config, dir, &[])
     }
 
     /// Starts `bulwark-agent run` with `config` (written to `dir/agent.toml`); its JSON log
     /// is collected like the broker's.
     pub fn spawn_agent(config: &str, dir: &Path) -> BrokerProcess {
-        Self::spawn_program("bulwark-agent", "agent.toml", config, dir)
+        Self::spawn_program("bulwark-agent", "agent.toml", config, dir, &[])
     }
 
-    fn spawn_program(bin: &str, file: &str, config: &str, dir: &Path) -> BrokerProcess {
+    /// [`BrokerProcess::spawn_agent`] with extra environment variables (e.g. the agent's
+    /// `BULWARK_AGENT_CRASH_POINT` test hook).
+    pub fn spawn_agent_with_env(config: &str, dir: &Path, env: &[(&str, &str)]) -> BrokerProcess {
+        Self::spawn_program("bulwark-agent", "agent.toml", config, dir, env)
+    }
+
+    fn spawn_program(
+        bin: &str,
+        file: &str,
+        config: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> BrokerProcess {
         let config_path = dir.join(file);
         std::fs::write(&config_path, config).unwrap();
         let mut child = Command::new(bin_path(bin))
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
             .env("BULWARK_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

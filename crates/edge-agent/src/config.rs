@@ -37,6 +37,13 @@ pub struct AgentConfig {
     pub queue: QueueConfig,
     #[serde(default)]
     pub ingest: IngestConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub commands: CommandsConfig,
+    /// Built-in sources: `[[source.exec]]`, `[[source.tail]]` (see `bulwark_agent::sources`).
+    #[serde(default, rename = "source")]
+    pub sources: crate::sources::SourcesConfig,
     #[serde(skip)]
     pub source: PathBuf,
 }
@@ -69,9 +76,52 @@ pub struct UplinkConfig {
     /// Seconds for TCP, TLS and CONNACK together.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
-    /// Records older than this when they are sent are marked `historical`.
+    /// Records older than this when they are sent are marked `historical`. Records that
+    /// waited in the queue longer than this when a connection comes up are the backlog,
+    /// drained at `backlog_drain_per_sec` beside the live data.
     #[serde(default = "default_historical")]
     pub historical_after_secs: u64,
+    /// Backlog records sent per second after an outage, on top of live data (which is never
+    /// held back by the backlog).
+    #[serde(default = "default_drain")]
+    pub backlog_drain_per_sec: u32,
+}
+
+/// The periodic health report on `devices/<id>/health`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds between reports while connected (also sent at every connect).
+    pub interval_secs: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { interval_secs: 60 }
+    }
+}
+
+/// Built-in commands the agent accepts on `devices/<id>/cmd/<name>`.
+pub const BUILTIN_COMMANDS: &[&str] = &["ping", "health"];
+
+/// Remote commands.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// The commands this gateway answers; others are refused and reported. Only built-in
+    /// commands can be listed: the agent never runs a command it received as text.
+    pub allow: Vec<String>,
+    /// Commands answered per minute; more are refused (protects the uplink from a flood).
+    pub max_per_minute: u32,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            allow: BUILTIN_COMMANDS.iter().map(|s| s.to_string()).collect(),
+            max_per_minute: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -145,6 +195,9 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_historical() -> u64 {
     300
+}
+fn default_drain() -> u32 {
+    1000
 }
 
 /// A broker the agent can dial.
@@ -250,6 +303,7 @@ impl AgentConfig {
         fix(&mut c.uplink.key_file);
         fix(&mut c.queue.path);
         fix(&mut c.ingest.socket);
+        c.sources.resolve_paths(base);
         c.validate()?;
         Ok(c)
     }
@@ -268,6 +322,11 @@ impl AgentConfig {
             .iter()
             .filter_map(|b| BrokerUrl::parse(b).ok())
             .collect()
+    }
+
+    /// Where tail sources keep their file positions: `tail-positions` beside the queue.
+    pub fn tail_state_dir(&self) -> PathBuf {
+        self.queue.path.with_file_name("tail-positions")
     }
 
     pub fn socket_mode(&self) -> u32 {
@@ -324,6 +383,26 @@ impl AgentConfig {
         }
         if self.queue.max_bytes < 1024 * 1024 {
             return Err(self.invalid("queue.max_bytes", "must be at least 1048576 (1 MiB)"));
+        }
+        if self.uplink.backlog_drain_per_sec == 0 {
+            return Err(self.invalid("uplink.backlog_drain_per_sec", "must be at least 1"));
+        }
+        if let Err((key, message)) = self.sources.validate() {
+            return Err(self.invalid(&key, message));
+        }
+        if self.health.interval_secs == 0 {
+            return Err(self.invalid("health.interval_secs", "must be at least 1"));
+        }
+        for (i, c) in self.commands.allow.iter().enumerate() {
+            if !BUILTIN_COMMANDS.contains(&c.as_str()) {
+                return Err(self.invalid(
+                    &format!("commands.allow[{i}]"),
+                    format!(
+                        "{c:?} is not a built-in command; built-in: {}",
+                        BUILTIN_COMMANDS.join(", ")
+                    ),
+                ));
+            }
         }
         if u32::from_str_radix(self.ingest.socket_mode.trim_start_matches("0o"), 8).is_err() {
             return Err(self.invalid("ingest.socket_mode", "must be an octal mode like \"0660\""));

@@ -19,10 +19,14 @@
 //! share.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod config;
+pub mod crash_point;
 pub mod exposure;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod ingest;
 pub mod queue;
+pub mod sources;
 pub mod uplink;

@@ -268,6 +268,23 @@ impl ingest::RecordSink for QueueSink {
     }
 }
 
+/// Logs, at start, any listening socket of this host that the network can reach.
+fn report_exposure() {
+    match bulwark_agent::exposure::ExposureReport::collect() {
+        Ok(r) if r.is_clean() => tracing::info!(
+            loopback_only = r.loopback_only,
+            "exposure check: no listening socket reachable from the network"
+        ),
+        Ok(r) => tracing::warn!(
+            target: "audit",
+            event = "host_exposed",
+            sockets = %r.exposed.iter().map(|s| s.description.as_str()).collect::<Vec<_>>().join(", "),
+            "this gateway has listening sockets that the network can reach; an edge gateway should have none"
+        ),
+        Err(e) => tracing::warn!(error = %e, "exposure check: cannot read /proc/net"),
+    }
+}
+
 async fn run(config: AgentConfig) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int) = match (
@@ -280,6 +297,7 @@ async fn run(config: AgentConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    bulwark_agent::crash_point::init();
     let config = Arc::new(config);
     let q = &config.queue;
     let options = QueueOptions {
@@ -336,20 +354,47 @@ async fn run(config: AgentConfig) -> ExitCode {
     tracing::info!(socket = %config.ingest.socket.display(), "ingest socket ready");
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (status_tx, _status) = watch::channel(bulwark_agent::uplink::UplinkStatus::default());
+    report_exposure();
+    let health = bulwark_agent::health::HealthCollector::new(
+        &config.device_id,
+        config.queue.path.clone(),
+        config.queue.max_bytes,
+    );
     let uplink = tokio::spawn(bulwark_agent::uplink::run(
         config.clone(),
         queue.clone(),
         wake.clone(),
         status_tx,
         shutdown.clone(),
+        health,
     ));
-    let ingest = tokio::spawn(server.serve(QueueSink { commit }, shutdown.clone()));
+    let sink = QueueSink { commit };
+    let mut sources = tokio::task::JoinSet::new();
+    for exec in config.sources.exec.iter().cloned() {
+        tracing::info!(series = %exec.series, command = ?exec.command, interval_secs = exec.interval_secs, "exec source");
+        sources.spawn(bulwark_agent::sources::run_exec(
+            exec,
+            Arc::new(sink.clone()),
+            shutdown.clone(),
+        ));
+    }
+    for tail in config.sources.tail.iter().cloned() {
+        tracing::info!(file = %tail.path.display(), "tail source");
+        sources.spawn(bulwark_agent::sources::run_tail(
+            tail,
+            config.tail_state_dir(),
+            Arc::new(sink.clone()),
+            shutdown.clone(),
+        ));
+    }
+    let ingest = tokio::spawn(server.serve(sink, shutdown.clone()));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     let _ = shutdown_tx.send(true);
     let _ = ingest.await;
+    while sources.join_next().await.is_some() {}
     let _ = uplink.await;
     if let Err(e) = queue.flush() {
         tracing::error!(error = %e, "final queue flush failed");

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bulwark_protocol::envelope::{data_topic, format_ts, TelemetryEnvelope};
 use rumqttc::{
@@ -22,8 +22,10 @@ use rumqttc::{
 };
 use tokio::sync::{watch, Notify};
 
+use crate::commands::{self, CommandLimiter};
 use crate::config::{AgentConfig, BrokerUrl};
-use crate::queue::{StoredRecord, UplinkQueue};
+use crate::health::HealthCollector;
+use crate::queue::{QueueError, StoredRecord, UplinkQueue};
 
 /// What the uplink reports about itself (for health and tests).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,6 +107,13 @@ fn mqtt_options(cfg: &AgentConfig, url: &BrokerUrl) -> Result<MqttOptions, Strin
         cfg.uplink.keepalive_secs.max(5),
     )));
     o.set_clean_session(true);
+    // Retained "offline" if the connection is lost without a DISCONNECT.
+    o.set_last_will(rumqttc::LastWill::new(
+        status_topic(&cfg.device_id),
+        status_payload("offline", Some("connection lost"), now_ms()),
+        QoS::AtLeastOnce,
+        true,
+    ));
     o.set_inflight(cfg.uplink.max_inflight);
     o.set_request_channel_capacity(usize::from(cfg.uplink.max_inflight) * 2 + 16);
     o.set_max_packet_size(1024 * 1024, 1024 * 1024);
@@ -130,6 +139,15 @@ pub fn envelope(
     }
 }
 
+/// The retained `devices/<id>/status` payload.
+pub fn status_payload(state: &str, reason: Option<&str>, now_ms: u64) -> Vec<u8> {
+    let mut v = serde_json::json!({"state": state, "ts": format_ts(now_ms)});
+    if let Some(r) = reason {
+        v["reason"] = serde_json::Value::from(r);
+    }
+    v.to_string().into_bytes()
+}
+
 enum SessionEnd {
     Shutdown,
     /// The connection failed; `connected` says whether it had been up.
@@ -146,6 +164,7 @@ pub async fn run(
     wake: Arc<Notify>,
     status: watch::Sender<UplinkStatus>,
     mut shutdown: watch::Receiver<bool>,
+    mut health: HealthCollector,
 ) {
     let urls = cfg.broker_urls();
     let min = Duration::from_millis(cfg.uplink.backoff_min_ms);
@@ -166,23 +185,23 @@ pub async fn run(
                 let (client, mut eventloop) =
                     AsyncClient::new(opts, usize::from(cfg.uplink.max_inflight) * 2 + 16);
                 eventloop.set_network_options(net);
-                let end = session(
-                    &cfg,
+                let mut s = Session {
+                    cfg: &cfg,
                     url,
-                    &client,
-                    &mut eventloop,
-                    &queue,
-                    &wake,
-                    &status,
-                    &mut shutdown,
-                )
-                .await;
+                    client: &client,
+                    queue: &queue,
+                    status: &status,
+                    health: &mut health,
+                    connected: false,
+                    submitted: VecDeque::new(),
+                    inflight: HashMap::new(),
+                    lanes: Lanes::default(),
+                    limiter: CommandLimiter::new(cfg.commands.max_per_minute),
+                    queue_paused_until: None,
+                };
+                let end = s.run(&mut eventloop, &wake, &mut shutdown).await;
                 if matches!(end, SessionEnd::Shutdown) {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while eventloop.poll().await.is_ok() {}
-                    })
-                    .await;
+                    s.finish(&mut eventloop).await;
                 }
                 end
             }
@@ -214,98 +233,412 @@ pub async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    cfg: &AgentConfig,
-    url: &BrokerUrl,
-    client: &AsyncClient,
-    eventloop: &mut rumqttc::EventLoop,
-    queue: &Arc<dyn UplinkQueue>,
-    wake: &Notify,
-    status: &watch::Sender<UplinkStatus>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> SessionEnd {
-    let window = usize::from(cfg.uplink.max_inflight);
-    let historical = Duration::from_secs(cfg.uplink.historical_after_secs);
-    let mut connected = false;
-    // Submitted to rumqttc, not yet written (in order) / written, awaiting PUBACK.
-    let mut submitted: VecDeque<u64> = VecDeque::new();
-    let mut inflight: HashMap<u16, u64> = HashMap::new();
-    let mut next_after: Option<u64> = None;
-    loop {
-        if connected {
-            let room = window.saturating_sub(submitted.len() + inflight.len());
-            if room > 0 {
-                match queue.peek(next_after, room) {
-                    Ok(batch) => {
-                        let now = now_ms();
-                        for r in batch {
-                            let env = envelope(&cfg.device_id, &r, historical, now);
-                            let topic = match data_topic(&cfg.device_id, &r.series) {
-                                Ok(t) => t,
-                                Err(e) => {
-                                    // Validated at ingest; a record that cannot be sent is
-                                    // dropped rather than blocking the queue forever.
-                                    tracing::error!(seq = r.seq, error = %e, "record has an unusable series; dropped");
-                                    let _ = queue.ack(r.seq);
-                                    next_after = Some(r.seq);
-                                    continue;
-                                }
-                            };
-                            let body = env.to_json_bytes();
-                            if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body)
-                            {
-                                return SessionEnd::Lost {
-                                    connected,
-                                    error: format!("submitting to the MQTT client: {e}"),
-                                };
-                            }
-                            submitted.push_back(r.seq);
-                            next_after = Some(r.seq);
+fn status_topic(device: &str) -> String {
+    format!("devices/{device}/status")
+}
+
+/// A publish handed to rumqttc, in submission order (rumqttc reports them in that order
+/// as `Outgoing::Publish`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// A queued record: deleted on its PUBACK.
+    Record(u64),
+    /// Status, health or a command result: nothing to delete.
+    Control,
+}
+
+/// The two lanes of the uplink after a (re)connect.
+///
+/// Records that had waited in the queue longer than `historical_after_secs` when the
+/// connection came up are the backlog (`seq <= boundary`); they are sent at most
+/// `backlog_drain_per_sec` per second (a token bucket), oldest first. Everything newer is
+/// live and goes out as fast as the in-flight window allows, before backlog records, so new
+/// data is never starved behind an outage's backlog. Within each lane records go out in
+/// sequence order; live data may overtake the backlog (consumers drop duplicates by
+/// `(device, seq)` as a set, and backlog records carry `historical: true`).
+#[derive(Debug, Default)]
+struct Lanes {
+    /// Highest backlog seq, if there is a backlog.
+    boundary: Option<u64>,
+    backlog_after: Option<u64>,
+    live_after: Option<u64>,
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    refilled: Option<Instant>,
+}
+
+impl Lanes {
+    /// Splits the queue at connect time (binary search on `enqueued_ms`, which grows with
+    /// `seq`).
+    fn at_connect(
+        queue: &dyn UplinkQueue,
+        backlog_age: Duration,
+        rate: u32,
+        window: usize,
+    ) -> Result<Lanes, QueueError> {
+        let mut lanes = Lanes {
+            rate: f64::from(rate.max(1)),
+            burst: (window as f64).min(f64::from(rate.max(1))).max(1.0),
+            refilled: Some(Instant::now()),
+            ..Lanes::default()
+        };
+        lanes.tokens = lanes.burst;
+        let cutoff = now_ms().saturating_sub(backlog_age.as_millis() as u64);
+        let Some(first) = queue.peek(None, 1)?.into_iter().next() else {
+            return Ok(lanes);
+        };
+        if first.enqueued_ms >= cutoff {
+            return Ok(lanes);
+        }
+        // Smallest x such that the first record after x is live (or there is none).
+        let live_after = |x: u64| -> Result<bool, QueueError> {
+            Ok(match queue.peek(Some(x), 1)?.first() {
+                None => true,
+                Some(r) => r.enqueued_ms >= cutoff,
+            })
+        };
+        let (mut lo, mut hi) = (first.seq, u64::MAX - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if live_after(mid)? {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lanes.boundary = Some(lo);
+        lanes.live_after = Some(lo);
+        Ok(lanes)
+    }
+
+    fn backlog_pending(&self) -> bool {
+        self.boundary.is_some()
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(t) = self.refilled {
+            let add = now.duration_since(t).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + add).min(self.burst);
+        }
+        self.refilled = Some(now);
+    }
+
+    /// When the next backlog token is due, if the backlog is waiting for one.
+    fn next_token_at(&self) -> Option<Instant> {
+        if !self.backlog_pending() || self.tokens >= 1.0 {
+            return None;
+        }
+        let wait = (1.0 - self.tokens) / self.rate;
+        Some(self.refilled.unwrap_or_else(Instant::now) + Duration::from_secs_f64(wait))
+    }
+}
+
+struct Session<'a> {
+    cfg: &'a AgentConfig,
+    url: &'a BrokerUrl,
+    client: &'a AsyncClient,
+    queue: &'a Arc<dyn UplinkQueue>,
+    status: &'a watch::Sender<UplinkStatus>,
+    health: &'a mut HealthCollector,
+    connected: bool,
+    /// Handed to rumqttc, not yet written (in order).
+    submitted: VecDeque<Sent>,
+    /// Records written, awaiting their PUBACK, by packet id.
+    inflight: HashMap<u16, u64>,
+    lanes: Lanes,
+    limiter: CommandLimiter,
+    /// After a queue read error, the next attempt.
+    queue_paused_until: Option<Instant>,
+}
+
+impl Session<'_> {
+    fn records_out(&self) -> usize {
+        self.inflight.len()
+            + self
+                .submitted
+                .iter()
+                .filter(|s| matches!(s, Sent::Record(_)))
+                .count()
+    }
+
+    fn publish_record(&mut self, r: &StoredRecord) -> Result<(), String> {
+        let historical = Duration::from_secs(self.cfg.uplink.historical_after_secs);
+        let env = envelope(&self.cfg.device_id, r, historical, now_ms());
+        let topic = match data_topic(&self.cfg.device_id, &r.series) {
+            Ok(t) => t,
+            Err(e) => {
+                // Validated at ingest; a record that cannot be sent is dropped rather than
+                // blocking the queue forever.
+                tracing::error!(seq = r.seq, error = %e, "record has an unusable series; dropped");
+                let _ = self.queue.ack(r.seq);
+                return Ok(());
+            }
+        };
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, false, env.to_json_bytes())
+            .map_err(|e| format!("submitting to the MQTT client: {e}"))?;
+        self.submitted.push_back(Sent::Record(r.seq));
+        Ok(())
+    }
+
+    /// Publishes status, health or a command result. A full request channel drops it (it
+    /// is not queued data) rather than ending the session.
+    fn publish_control(&mut self, topic: String, retain: bool, body: Vec<u8>) {
+        match self
+            .client
+            .try_publish(topic.clone(), QoS::AtLeastOnce, retain, body)
+        {
+            Ok(()) => self.submitted.push_back(Sent::Control),
+            Err(e) => tracing::warn!(topic, error = %e, "control message dropped"),
+        }
+    }
+
+    /// Hands records to rumqttc while the window has room: live lane first, then the
+    /// backlog within its rate.
+    fn fill(&mut self) -> Result<(), String> {
+        if let Some(t) = self.queue_paused_until {
+            if Instant::now() < t {
+                return Ok(());
+            }
+            self.queue_paused_until = None;
+        }
+        match self.try_fill() {
+            Ok(()) => Ok(()),
+            Err(FillError::Client(e)) => Err(e),
+            Err(FillError::Queue(e)) => {
+                tracing::error!(error = %e, "reading the queue failed; retrying in 1 s");
+                self.queue_paused_until = Some(Instant::now() + Duration::from_secs(1));
+                Ok(())
+            }
+        }
+    }
+
+    fn try_fill(&mut self) -> Result<(), FillError> {
+        let window = usize::from(self.cfg.uplink.max_inflight);
+        let mut room = window.saturating_sub(self.records_out());
+        if room > 0 {
+            let batch = self
+                .queue
+                .peek(self.lanes.live_after, room)
+                .map_err(FillError::Queue)?;
+            for r in batch {
+                self.publish_record(&r).map_err(FillError::Client)?;
+                self.lanes.live_after = Some(r.seq);
+                room -= 1;
+            }
+        }
+        if room > 0 {
+            if let Some(boundary) = self.lanes.boundary {
+                self.lanes.refill(Instant::now());
+                let n = room.min(self.lanes.tokens as usize);
+                if n > 0 {
+                    let batch = self
+                        .queue
+                        .peek(self.lanes.backlog_after, n)
+                        .map_err(FillError::Queue)?;
+                    let mut done = batch.len() < n;
+                    for r in batch {
+                        if r.seq > boundary {
+                            done = true;
+                            break;
                         }
+                        self.publish_record(&r).map_err(FillError::Client)?;
+                        self.lanes.backlog_after = Some(r.seq);
+                        self.lanes.tokens -= 1.0;
                     }
-                    Err(e) => tracing::error!(error = %e, "reading the queue failed"),
+                    if done || self.lanes.backlog_after == Some(boundary) {
+                        tracing::info!("backlog drained");
+                        self.lanes.boundary = None;
+                    }
                 }
             }
         }
-        tokio::select! {
-            _ = shutdown.changed() => return SessionEnd::Shutdown,
-            _ = wake.notified(), if connected => {}
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                    if ack.code != rumqttc::ConnectReturnCode::Success {
-                        return SessionEnd::Lost { connected: false, error: format!("broker refused CONNECT: {:?}", ack.code) };
-                    }
-                    connected = true;
-                    // Start again from the oldest record on disk: whatever was in flight on
-                    // the previous connection is resent.
-                    submitted.clear();
-                    inflight.clear();
-                    next_after = None;
-                    tracing::info!(broker = %url, "uplink connected");
-                    status.send_modify(|s| {
-                        s.connected = true;
-                        s.broker = Some(url.to_string());
-                    });
-                }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(seq) = submitted.pop_front() {
-                        inflight.insert(pkid, seq);
-                    }
-                }
-                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                    if let Some(seq) = inflight.remove(&ack.pkid) {
-                        if let Err(e) = queue.ack(seq) {
-                            tracing::error!(seq, error = %e, "deleting an acknowledged record failed; it will be sent again");
-                        }
-                        status.send_modify(|s| s.acked += 1);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => return SessionEnd::Lost { connected, error: e.to_string() },
-            },
+        Ok(())
+    }
+
+    fn publish_health(&mut self) {
+        let report = self.health.report(&**self.queue, &self.status.borrow());
+        let body = report.to_json().to_string().into_bytes();
+        let topic = format!("devices/{}/health", self.cfg.device_id);
+        self.publish_control(topic, false, body);
+    }
+
+    fn on_command(&mut self, topic: &str, payload: &[u8]) {
+        let device = &self.cfg.device_id;
+        let Some(name) = commands::command_name(device, topic) else {
+            tracing::debug!(
+                topic,
+                "ignoring a message on a topic the agent did not expect"
+            );
+            return;
+        };
+        let name = name.to_string();
+        let request = if self.limiter.allow(Instant::now()) {
+            commands::parse_request(&name, payload, &self.cfg.commands.allow)
+        } else {
+            commands::Request::Refuse {
+                name: name.clone(),
+                id: serde_json::Value::Null,
+                reason: format!(
+                    "too many commands (commands.max_per_minute = {}); try again in a minute",
+                    self.cfg.commands.max_per_minute
+                ),
+            }
+        };
+        let now = now_ms();
+        let body = match request {
+            commands::Request::Ping { id } => {
+                tracing::info!(target: "audit", event = "command", command = %name, "command answered");
+                commands::ok_result(&name, &id, serde_json::json!({"pong": true}), now)
+            }
+            commands::Request::Health { id } => {
+                tracing::info!(target: "audit", event = "command", command = %name, "command answered");
+                let report = self.health.report(&**self.queue, &self.status.borrow());
+                commands::ok_result(&name, &id, report.to_json(), now)
+            }
+            commands::Request::Refuse { name, id, reason } => {
+                tracing::warn!(target: "audit", event = "command_refused", command = %name, reason = %reason, "command refused");
+                commands::error_result(&name, &id, &reason, now)
+            }
+        };
+        self.publish_control(commands::result_topic(device, &name), false, body);
+    }
+
+    fn on_connack(&mut self) -> Result<(), QueueError> {
+        self.connected = true;
+        // Start again from the oldest record on disk: whatever was in flight on the previous
+        // connection is resent.
+        self.submitted.clear();
+        self.inflight.clear();
+        let u = &self.cfg.uplink;
+        self.lanes = Lanes::at_connect(
+            &**self.queue,
+            Duration::from_secs(u.historical_after_secs),
+            u.backlog_drain_per_sec,
+            usize::from(u.max_inflight),
+        )?;
+        let device = self.cfg.device_id.clone();
+        tracing::info!(broker = %self.url, backlog_until_seq = ?self.lanes.boundary, "uplink connected");
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.broker = Some(self.url.to_string());
+        });
+        self.publish_control(
+            status_topic(&device),
+            true,
+            status_payload("online", None, now_ms()),
+        );
+        if let Err(e) = self
+            .client
+            .try_subscribe(format!("devices/{device}/cmd/#"), QoS::AtLeastOnce)
+        {
+            tracing::warn!(error = %e, "cannot subscribe to commands");
+        }
+        Ok(())
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        if let Some(seq) = self.inflight.remove(&pkid) {
+            crate::crash_point::hit(crate::crash_point::Phase::Acked);
+            if let Err(e) = self.queue.ack(seq) {
+                tracing::error!(seq, error = %e, "deleting an acknowledged record failed; it will be sent again");
+            }
+            self.status.send_modify(|s| s.acked += 1);
         }
     }
+
+    /// Clean stop: says "offline" (the will is not published after DISCONNECT), sends
+    /// DISCONNECT, and keeps processing PUBACKs until the broker closes the connection (at
+    /// most 2 s), so records the broker already has are not sent again at the next start.
+    async fn finish(&mut self, eventloop: &mut rumqttc::EventLoop) {
+        if self.connected {
+            self.publish_control(
+                status_topic(&self.cfg.device_id),
+                true,
+                status_payload("offline", Some("agent stopped"), now_ms()),
+            );
+        }
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(Sent::Record(seq)) = self.submitted.pop_front() {
+                            self.inflight.insert(pkid, seq);
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::PubAck(ack))) => self.on_puback(ack.pkid),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn run(
+        &mut self,
+        eventloop: &mut rumqttc::EventLoop,
+        wake: &Notify,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> SessionEnd {
+        let mut health_tick =
+            tokio::time::interval(Duration::from_secs(self.cfg.health.interval_secs.max(1)));
+        health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.connected {
+                if let Err(error) = self.fill() {
+                    return SessionEnd::Lost {
+                        connected: true,
+                        error,
+                    };
+                }
+            }
+            let timer = match (self.lanes.next_token_at(), self.queue_paused_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let connected = self.connected;
+            tokio::select! {
+                _ = shutdown.changed() => return SessionEnd::Shutdown,
+                _ = wake.notified(), if connected => {}
+                _ = health_tick.tick(), if connected => self.publish_health(),
+                _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now).into()), if connected && timer.is_some() => {}
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                        if ack.code != rumqttc::ConnectReturnCode::Success {
+                            return SessionEnd::Lost { connected: false, error: format!("broker refused CONNECT: {:?}", ack.code) };
+                        }
+                        if let Err(e) = self.on_connack() {
+                            return SessionEnd::Lost { connected: true, error: format!("reading the queue: {e}") };
+                        }
+                        health_tick.reset_immediately();
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(Sent::Record(seq)) = self.submitted.pop_front() {
+                            crate::crash_point::hit(crate::crash_point::Phase::Published);
+                            self.inflight.insert(pkid, seq);
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::PubAck(ack))) => self.on_puback(ack.pkid),
+                    Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                            tracing::warn!("the broker refused the subscription to devices/<id>/cmd/# (check the ACL); remote commands are unavailable");
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => self.on_command(&p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(e) => return SessionEnd::Lost { connected: self.connected, error: e.to_string() },
+                },
+            }
+        }
+    }
+}
+
+enum FillError {
+    Client(String),
+    Queue(QueueError),
 }
 
 #[cfg(test)]

@@ -126,7 +126,13 @@ fn commit(queue: &dyn UplinkQueue, round: Vec<Submission>) -> bool {
         appended |= result.is_ok();
         answers.push((s.reply, result));
     }
+    if appended {
+        crate::crash_point::hit(crate::crash_point::Phase::Received);
+    }
     let flushed = if appended { queue.flush() } else { Ok(()) };
+    if appended && flushed.is_ok() {
+        crate::crash_point::hit(crate::crash_point::Phase::Flushed);
+    }
     if let Err(e) = &flushed {
         tracing::error!(error = %e, "flushing the queue failed; producers are told their records were not accepted");
     }
