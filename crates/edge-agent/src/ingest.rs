@@ -1003,7 +1003,9 @@ where
         Ok(sent)
     };
 
-    let reader = async {
+    // Owns `rx`, so that when the agent goes away the channel closes and a writer waiting
+    // for room in it stops instead of waiting forever.
+    let reader = async move {
         let mut rd = BufReader::new(rd);
         let mut summary = SendSummary::default();
         loop {
