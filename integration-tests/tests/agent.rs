@@ -496,7 +496,13 @@ async fn exec_and_tail_sources_publish() {
     loop {
         let p = sub.next_publish(T).await.expect("the appended line");
         if p.topic == "devices/gw-5/data/plc/a" {
-            assert_eq!(json(&p)["payload"], 3, "an old line was sent again: {}\n{}", json(&p), agent.process.log_text());
+            assert_eq!(
+                json(&p)["payload"],
+                3,
+                "an old line was sent again: {}\n{}",
+                json(&p),
+                agent.process.log_text()
+            );
             break;
         }
     }

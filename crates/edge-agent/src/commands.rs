@@ -13,8 +13,10 @@
 //! the result so a caller can match answers to requests. Every result is
 //! `{"command":NAME,"id":ID,"ok":true,"ts":...,"result":...}` or
 //! `{"command":NAME,"id":ID,"ok":false,"ts":...,"error":"..."}`. Refusals (a command not
-//! allowed, a malformed request, too many commands per minute) are answered and logged to
-//! the `audit` target as `command_refused`.
+//! allowed, a malformed request) are answered and logged to the `audit` target as
+//! `command_refused`. Commands beyond `commands.max_per_minute` get no answer at all (a
+//! flood of commands must not turn into a flood of answers); they are counted in a
+//! `command_rate_limited` audit line logged at power-of-two counts.
 
 use std::time::{Duration, Instant};
 

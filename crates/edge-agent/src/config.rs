@@ -111,7 +111,8 @@ pub struct CommandsConfig {
     /// The commands this gateway answers; others are refused and reported. Only built-in
     /// commands can be listed: the agent never runs a command it received as text.
     pub allow: Vec<String>,
-    /// Commands answered per minute; more are refused (protects the uplink from a flood).
+    /// Commands answered per minute; more are ignored without an answer (a flood must not
+    /// become a flood of answers) and counted in a sampled `command_rate_limited` audit line.
     pub max_per_minute: u32,
 }
 

@@ -197,6 +197,8 @@ pub async fn run(
                     inflight: HashMap::new(),
                     lanes: Lanes::default(),
                     limiter: CommandLimiter::new(cfg.commands.max_per_minute),
+                    commands_over_rate: 0,
+                    control_dropped: 0,
                     queue_paused_until: None,
                 };
                 let end = s.run(&mut eventloop, &wake, &mut shutdown).await;
@@ -348,6 +350,10 @@ struct Session<'a> {
     inflight: HashMap<u16, u64>,
     lanes: Lanes,
     limiter: CommandLimiter,
+    /// Commands ignored for exceeding the rate, this session.
+    commands_over_rate: u64,
+    /// Status, health or results dropped because rumqttc's request queue was full.
+    control_dropped: u64,
     /// After a queue read error, the next attempt.
     queue_paused_until: Option<Instant>,
 }
@@ -390,7 +396,12 @@ impl Session<'_> {
             .try_publish(topic.clone(), QoS::AtLeastOnce, retain, body)
         {
             Ok(()) => self.submitted.push_back(Sent::Control),
-            Err(e) => tracing::warn!(topic, error = %e, "control message dropped"),
+            Err(e) => {
+                self.control_dropped += 1;
+                if self.control_dropped.is_power_of_two() {
+                    tracing::warn!(topic, error = %e, dropped_total = self.control_dropped, reason = "the MQTT client's request queue is full", "control message dropped");
+                }
+            }
         }
     }
 
@@ -474,18 +485,23 @@ impl Session<'_> {
             return;
         };
         let name = name.to_string();
-        let request = if self.limiter.allow(Instant::now()) {
-            commands::parse_request(&name, payload, &self.cfg.commands.allow)
-        } else {
-            commands::Request::Refuse {
-                name: name.clone(),
-                id: serde_json::Value::Null,
-                reason: format!(
-                    "too many commands (commands.max_per_minute = {}); try again in a minute",
-                    self.cfg.commands.max_per_minute
-                ),
+        if !self.limiter.allow(Instant::now()) {
+            // Over the rate: no answer at all (answering a flood would be a flood), and the
+            // audit line only at power-of-two counts.
+            self.commands_over_rate += 1;
+            if self.commands_over_rate.is_power_of_two() {
+                tracing::warn!(
+                    target: "audit",
+                    event = "command_rate_limited",
+                    command = %name,
+                    dropped_total = self.commands_over_rate,
+                    max_per_minute = self.cfg.commands.max_per_minute,
+                    "commands over commands.max_per_minute are ignored without an answer"
+                );
             }
-        };
+            return;
+        }
+        let request = commands::parse_request(&name, payload, &self.cfg.commands.allow);
         let now = now_ms();
         let body = match request {
             commands::Request::Ping { id } => {
