@@ -53,6 +53,9 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     #[serde(default)]
     pub ctl: crate::ctl::CtlConfig,
+    /// The tunnel relay (`/tunnel/v1` on the wss listeners); off by default.
+    #[serde(default)]
+    pub tunnel: bulwark_tunnel::relay::RelayConfig,
     /// Where the configuration was read from (for error messages); not a TOML key.
     #[serde(skip)]
     pub source: PathBuf,
@@ -655,6 +658,15 @@ impl Config {
             if let Err(e) = crate::abuse::Network::parse(a) {
                 return Err(self.invalid(format!("abuse.allow_list[{i}]"), e));
             }
+        }
+        if let Err((key, message)) = self.tunnel.validate() {
+            return Err(self.invalid(key, message));
+        }
+        if self.tunnel.enabled && !self.listeners.iter().any(|l| l.transport == Transport::Wss) {
+            return Err(self.invalid(
+                "tunnel.enabled",
+                "the relay is served on wss listeners, and there is none; add a [[listener]] with transport = \"wss\" (port 443)",
+            ));
         }
         if self.abuse.max_auth_failures == 0 {
             return Err(self.invalid("abuse.max_auth_failures", "must be at least 1"));

@@ -23,7 +23,7 @@ use crate::router::{attach_refusal, Metrics, Router};
 use crate::session::Message;
 use crate::store::FlushCoordinator;
 use crate::tls::ClientCertificate;
-use crate::transport::{accept_websocket, Transport};
+use crate::transport::{accept_websocket, Transport, Upgraded};
 
 /// Everything a connection task needs from the broker.
 #[derive(Debug)]
@@ -32,6 +32,8 @@ pub struct Shared {
     /// Present with `sync` durability: acknowledgements wait for it.
     pub durability: Option<FlushCoordinator>,
     pub abuse: crate::abuse::AbuseGuard,
+    /// The tunnel relay, when `[tunnel] enabled = true`.
+    pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::BrokerRelay>>,
 }
 
 /// A listener as the connection tasks see it.
@@ -107,7 +109,13 @@ pub async fn serve(
         let established =
             tokio::time::timeout_at(deadline, establish(&shared, &listener, stream, peer)).await;
         let (transport, connect, certificate, rbuf) = match established {
-            Ok(Ok(e)) => e,
+            Ok(Ok(Setup::Mqtt(e))) => e,
+            Ok(Ok(Setup::Tunnel(ws, identity))) => {
+                if let Some(relay) = shared.tunnel.get() {
+                    relay.clone().serve(*ws, identity, peer, shutdown).await;
+                }
+                return;
+            }
             Ok(Err(e)) => {
                 e.log(peer);
                 return;
@@ -174,12 +182,23 @@ impl SetupError {
 
 type Established = (Transport, Connect, Option<ClientCertificate>, BytesMut);
 
+/// What an accepted connection turned out to be.
+#[allow(clippy::large_enum_variant)] // one per connection, moved once
+enum Setup {
+    Mqtt(Established),
+    /// A tunnel relay connection, with its certificate identity.
+    Tunnel(
+        Box<tokio_tungstenite::WebSocketStream<crate::tunnel::RelayStream>>,
+        Option<String>,
+    ),
+}
+
 async fn establish(
     shared: &Shared,
     listener: &ListenerRuntime,
     stream: TcpStream,
     _peer: SocketAddr,
-) -> Result<Established, SetupError> {
+) -> Result<Setup, SetupError> {
     let _ = stream.set_nodelay(true);
     let limits = shared.router.limits();
     let (mut transport, certificate) = match (&listener.tls, listener.config.transport) {
@@ -196,9 +215,21 @@ async fn establish(
                 .and_then(|c| c.first())
                 .and_then(|c| ClientCertificate::from_der(c, material.config.identity_field));
             let t = if kind == TransportKind::Wss {
-                accept_websocket(tls, &listener.config.ws_path, limits.max_packet_size + 16)
+                let relay = shared.tunnel.get();
+                let max = (limits.max_packet_size + 16).max(if relay.is_some() {
+                    bulwark_tunnel::ws::MAX_MESSAGE_BYTES + 1024
+                } else {
+                    0
+                });
+                match accept_websocket(tls, &listener.config.ws_path, max, relay.is_some())
                     .await
                     .map_err(SetupError::WebSocket)?
+                {
+                    Upgraded::Mqtt(t) => t,
+                    Upgraded::Tunnel(ws) => {
+                        return Ok(Setup::Tunnel(ws, certificate.and_then(|c| c.identity)))
+                    }
+                }
             } else {
                 Transport::Tls(Box::new(tls))
             };
@@ -217,7 +248,9 @@ async fn establish(
             }
         }
         match decode(&mut rbuf, &pre_auth) {
-            Ok(Some(Packet::Connect(c))) => return Ok((transport, c, certificate, rbuf)),
+            Ok(Some(Packet::Connect(c))) => {
+                return Ok(Setup::Mqtt((transport, c, certificate, rbuf)))
+            }
             Ok(Some(p)) => {
                 return Err(SetupError::NotConnect(bulwark_protocol::codec::type_of(&p)))
             }
@@ -833,7 +866,7 @@ impl Connection {
 
 type Refusal = (ConnectReturnCode, String);
 
-fn auth_failure(shared: &Shared, peer: SocketAddr, user: Option<&str>, reason: &str) {
+pub(crate) fn auth_failure(shared: &Shared, peer: SocketAddr, user: Option<&str>, reason: &str) {
     log_auth_failure(peer, user, reason);
     record_auth_failure(shared, peer, user);
 }

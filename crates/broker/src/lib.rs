@@ -30,6 +30,7 @@ pub mod store;
 pub mod sys;
 pub mod tls;
 pub mod transport;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -187,7 +188,13 @@ impl Broker {
             router: router.clone(),
             durability: durability.clone(),
             abuse,
+            tunnel: std::sync::OnceLock::new(),
         });
+        if config.tunnel.enabled {
+            let relay = tunnel::start(&shared, config.tunnel.clone());
+            let _ = shared.tunnel.set(relay);
+            tracing::info!(public_url = %config.tunnel.public_url, path = bulwark_tunnel::proto::PATH, "tunnel relay enabled on the wss listeners");
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let conns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));

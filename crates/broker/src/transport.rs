@@ -31,37 +31,55 @@ impl std::fmt::Debug for Transport {
     }
 }
 
-/// Upgrades a TLS stream to MQTT over WebSocket: the request path must be `path` and the
-/// client must offer the `mqtt` subprotocol (MQTT 3.1.1 §6.0), which the reply selects.
+/// What a WebSocket upgrade led to.
+pub enum Upgraded {
+    /// MQTT over WebSocket.
+    Mqtt(Transport),
+    /// A tunnel relay connection (`/tunnel/v1`, subprotocol `bulwark-tunnel.v1`).
+    Tunnel(Box<WebSocketStream<TlsStream<TcpStream>>>),
+}
+
+/// Upgrades a TLS stream to WebSocket. At `path` it is MQTT: the client must offer the
+/// `mqtt` subprotocol (MQTT 3.1.1 §6.0), which the reply selects. With `tunnel`, the
+/// relay's path [`bulwark_tunnel::proto::PATH`] is served too (subprotocol
+/// [`bulwark_tunnel::proto::SUBPROTOCOL`]). Anything else is 404.
 pub async fn accept_websocket(
     stream: TlsStream<TcpStream>,
     path: &str,
     max_message: usize,
-) -> Result<Transport, io::Error> {
+    tunnel: bool,
+) -> Result<Upgraded, io::Error> {
+    use bulwark_tunnel::proto::{PATH as TUNNEL_PATH, SUBPROTOCOL as TUNNEL_PROTOCOL};
+    let mut is_tunnel = false;
     #[allow(clippy::result_large_err)] // the error type is tungstenite's
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() != path {
+        let want = if req.uri().path() == path {
+            "mqtt"
+        } else if tunnel && req.uri().path() == TUNNEL_PATH {
+            is_tunnel = true;
+            TUNNEL_PROTOCOL
+        } else {
             let mut e =
-                ErrorResponse::new(Some(format!("no MQTT endpoint at {}", req.uri().path())));
+                ErrorResponse::new(Some(format!("nothing is served at {}", req.uri().path())));
             *e.status_mut() = StatusCode::NOT_FOUND;
             return Err(e);
-        }
+        };
         let offered = req
             .headers()
             .get_all("Sec-WebSocket-Protocol")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|p| p.trim().eq_ignore_ascii_case("mqtt"));
+            .any(|p| p.trim().eq_ignore_ascii_case(want));
         if !offered {
-            let mut e = ErrorResponse::new(Some(
-                "the WebSocket subprotocol \"mqtt\" is required".into(),
-            ));
+            let mut e = ErrorResponse::new(Some(format!(
+                "the WebSocket subprotocol {want:?} is required"
+            )));
             *e.status_mut() = StatusCode::BAD_REQUEST;
             return Err(e);
         }
         resp.headers_mut()
-            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(want));
         Ok(resp)
     };
     let config = WebSocketConfig::default()
@@ -75,7 +93,11 @@ pub async fn accept_websocket(
                 format!("websocket handshake: {e}"),
             )
         })?;
-    Ok(Transport::Wss(Box::new(ws)))
+    Ok(if is_tunnel {
+        Upgraded::Tunnel(Box::new(ws))
+    } else {
+        Upgraded::Mqtt(Transport::Wss(Box::new(ws)))
+    })
 }
 
 fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {

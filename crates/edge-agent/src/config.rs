@@ -44,6 +44,10 @@ pub struct AgentConfig {
     /// Built-in sources: `[[source.exec]]`, `[[source.tail]]` (see `bulwark_agent::sources`).
     #[serde(default, rename = "source")]
     pub sources: crate::sources::SourcesConfig,
+    /// Remote sessions through the broker's tunnel relay (`[tunnel]`, `[tunnel.services]`);
+    /// off unless `enabled = true`. See `bulwark_agent::tunnel`.
+    #[serde(default)]
+    pub tunnel: bulwark_tunnel::device::DeviceTunnelConfig,
     #[serde(skip)]
     pub source: PathBuf,
 }
@@ -391,6 +395,9 @@ impl AgentConfig {
         if let Err((key, message)) = self.sources.validate() {
             return Err(self.invalid(&key, message));
         }
+        if let Err((key, message)) = self.tunnel.validate() {
+            return Err(self.invalid(&key, message));
+        }
         if self.health.interval_secs == 0 {
             return Err(self.invalid("health.interval_secs", "must be at least 1"));
         }
@@ -415,6 +422,71 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes `extra` after a minimal valid configuration and loads it.
+    fn load_with(extra: &str) -> Result<AgentConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "gw.pem", "gw.key"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let text = format!(
+            "device_id = \"gw-1\"\n[uplink]\nbrokers = [\"mqtts://b.example:8883\", \"wss://relay.example/mqtt\"]\n\
+             ca_file = \"ca.pem\"\ncert_file = \"gw.pem\"\nkey_file = \"gw.key\"\n{extra}"
+        );
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        AgentConfig::load(&path)
+    }
+
+    fn invalid_key(extra: &str) -> String {
+        match load_with(extra) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{extra}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tunnel_table() {
+        // Off by default, and allowed to be enabled without services.
+        let c = load_with("").unwrap();
+        assert!(!c.tunnel.enabled);
+        assert_eq!(c.tunnel.max_sessions, 2);
+        let c = load_with("[tunnel]\nenabled = true\n").unwrap();
+        assert!(c.tunnel.enabled && c.tunnel.services.is_empty());
+        let c = load_with(
+            "[tunnel]\nenabled = true\nmax_sessions = 1\n[tunnel.services]\nssh = \"127.0.0.1:22\"\nweb = \"unix:/run/ui.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tunnel.max_sessions, 1);
+        assert_eq!(c.tunnel.services.len(), 2);
+        assert_eq!(
+            c.broker_urls().iter().map(|u| u.host()).collect::<Vec<_>>(),
+            ["b.example", "relay.example"]
+        );
+        // Validated even while disabled, and the error names the key.
+        assert_eq!(
+            invalid_key("[tunnel.services]\nplc = \"192.168.1.10:502\"\n"),
+            "tunnel.services.plc"
+        );
+        assert_eq!(
+            invalid_key("[tunnel]\nenabled = true\nidle_timeout_secs = 0\n"),
+            "tunnel.idle_timeout_secs"
+        );
+        let e = load_with("[tunnel]\nenabled = true\nmax_sessions = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tunnel.max_sessions: must be at least 1"), "{e}");
+        // Strict: unknown keys are errors.
+        assert!(matches!(
+            load_with("[tunnel]\nenable = true\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        // A source can never write the reserved audit series.
+        assert_eq!(
+            invalid_key("[[source.exec]]\nseries = \"$audit\"\ncommand = [\"/bin/true\"]\n"),
+            "source.exec[0].series"
+        );
+    }
 
     #[test]
     fn broker_urls() {

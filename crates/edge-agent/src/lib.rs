@@ -13,6 +13,8 @@
 //!   group commit.
 //! - `uplink`: the outbound MQTT connection (TLS or WebSocket over TLS) that drains the queue.
 //! - `sources`: built-in producers (exec, file tail, gateway health).
+//! - `tunnel`: the device side of remote sessions (`[tunnel]`): offers arrive on the
+//!   uplink's MQTT session, tunnel audit records go through the queue to `devices/<id>/audit`.
 //! - `exposure`: the self-check that the gateway listens on no network socket.
 //!
 //! `fuzzing` (hidden) holds the check the fuzz target in `fuzz/` and the corpus replay test
@@ -29,4 +31,5 @@ pub mod health;
 pub mod ingest;
 pub mod queue;
 pub mod sources;
+pub mod tunnel;
 pub mod uplink;

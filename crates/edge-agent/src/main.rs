@@ -360,6 +360,8 @@ async fn run(config: AgentConfig) -> ExitCode {
         config.queue.path.clone(),
         config.queue.max_bytes,
     );
+    // Tunnel audit records go through the same group commit as telemetry.
+    let tunnel = bulwark_agent::tunnel::TunnelAgent::new(&config, commit.clone());
     let uplink = tokio::spawn(bulwark_agent::uplink::run(
         config.clone(),
         queue.clone(),
@@ -367,6 +369,7 @@ async fn run(config: AgentConfig) -> ExitCode {
         status_tx,
         shutdown.clone(),
         health,
+        tunnel,
     ));
     let sink = QueueSink { commit };
     let mut sources = tokio::task::JoinSet::new();

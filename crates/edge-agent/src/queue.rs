@@ -21,6 +21,16 @@
 //! never drop new data. Records are appended in submission order, so order is kept per
 //! series (and globally).
 //!
+//! # Reserved series
+//! Besides telemetry, the queue carries the agent's own audit records (tunnel open, close
+//! and refusal, see `crate::tunnel`) under the reserved series [`AUDIT_SERIES`] (`$audit`),
+//! so they survive outages and restarts like telemetry and go out with a `seq` of the same
+//! sequence (consumers drop duplicates the same way). The uplink publishes them on
+//! `devices/<id>/audit` instead of `devices/<id>/data/<series>`. Producers can never name a
+//! `$` series (ingest refuses it), and [`record::check_series`] refuses every `$` series
+//! other than the reserved ones, on append and on decode. Audit records count against the
+//! disk budget like any record.
+//!
 //! # Durability
 //! [`UplinkQueue::append`] is not durable; [`UplinkQueue::flush`] makes every earlier append
 //! durable, and [`UplinkQueue::peek`] only returns records a completed flush covered, so a
@@ -93,11 +103,21 @@ pub use memory::MemoryQueue;
 pub use record::RecordError;
 pub use sled_queue::{SledQueue, FORMAT_VERSION};
 
+/// The series of the agent's own audit records (tunnel open, close, refusal). The uplink
+/// publishes them on `devices/<id>/audit`, not under `data/`. Producers cannot use it:
+/// ingest refuses every series that starts with `$`.
+pub const AUDIT_SERIES: &str = "$audit";
+
+/// Series only the agent itself appends; [`record::check`] refuses every other series that
+/// starts with `$`.
+pub const RESERVED_SERIES: &[&str] = &[AUDIT_SERIES];
+
 /// A record as a producer hands it over.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewRecord {
     /// Topic levels under `devices/<id>/data/` (see
-    /// [`bulwark_protocol::envelope::validate_series`]).
+    /// [`bulwark_protocol::envelope::validate_series`]), or one of the agent's
+    /// [`RESERVED_SERIES`] (see [`record::check_series`]).
     pub series: String,
     /// When the value was measured, Unix milliseconds.
     pub ts_ms: u64,

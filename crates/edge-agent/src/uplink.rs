@@ -11,21 +11,35 @@
 //! - after every reconnect the agent starts again from the oldest record on disk.
 //!
 //! Handing a record to rumqttc is never counted as delivery.
+//!
+//! Topics: a record is published on `devices/<id>/data/<series>`, except the agent's own
+//! audit records (series [`AUDIT_SERIES`], `$audit`: tunnel open, close and refusal), which
+//! go to `devices/<id>/audit` in the same telemetry envelope (`"series":"$audit"`, the
+//! event as `payload`), with the same PUBACK-driven deletion; see [`record_topic`].
+//!
+//! With `tunnel.enabled` the agent also subscribes to `$tunnel/<id>/notify` (in the same
+//! SUBSCRIBE as `devices/<id>/cmd/#`, after every CONNACK) and hands each offer on exactly
+//! that topic to [`TunnelAgent::on_offer`], which runs it in a task of its own (see
+//! `crate::tunnel`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bulwark_protocol::envelope::{data_topic, format_ts, TelemetryEnvelope};
+use bulwark_protocol::envelope::{
+    data_topic, format_ts, validate_device, EnvelopeError, TelemetryEnvelope,
+};
 use rumqttc::{
-    AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
+    AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, SubscribeFilter, TlsConfiguration,
+    Transport,
 };
 use tokio::sync::{watch, Notify};
 
 use crate::commands::{self, CommandLimiter};
 use crate::config::{AgentConfig, BrokerUrl};
 use crate::health::HealthCollector;
-use crate::queue::{QueueError, StoredRecord, UplinkQueue};
+use crate::queue::{QueueError, StoredRecord, UplinkQueue, AUDIT_SERIES};
+use crate::tunnel::TunnelAgent;
 
 /// What the uplink reports about itself (for health and tests).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -139,6 +153,16 @@ pub fn envelope(
     }
 }
 
+/// The topic a stored record is published on: `devices/<id>/audit` for the agent's audit
+/// records ([`AUDIT_SERIES`]), `devices/<id>/data/<series>` for everything else.
+pub fn record_topic(device: &str, series: &str) -> Result<String, EnvelopeError> {
+    if series == AUDIT_SERIES {
+        validate_device(device)?;
+        return Ok(format!("devices/{device}/audit"));
+    }
+    data_topic(device, series)
+}
+
 /// The retained `devices/<id>/status` payload.
 pub fn status_payload(state: &str, reason: Option<&str>, now_ms: u64) -> Vec<u8> {
     let mut v = serde_json::json!({"state": state, "ts": format_ts(now_ms)});
@@ -157,7 +181,8 @@ enum SessionEnd {
     },
 }
 
-/// Runs the uplink until `shutdown` turns true.
+/// Runs the uplink until `shutdown` turns true. `tunnel` (present when `tunnel.enabled`)
+/// lives as long as the agent, across reconnects.
 pub async fn run(
     cfg: Arc<AgentConfig>,
     queue: Arc<dyn UplinkQueue>,
@@ -165,6 +190,7 @@ pub async fn run(
     status: watch::Sender<UplinkStatus>,
     mut shutdown: watch::Receiver<bool>,
     mut health: HealthCollector,
+    tunnel: Option<Arc<TunnelAgent>>,
 ) {
     let urls = cfg.broker_urls();
     let min = Duration::from_millis(cfg.uplink.backoff_min_ms);
@@ -187,6 +213,7 @@ pub async fn run(
                 eventloop.set_network_options(net);
                 let mut s = Session {
                     cfg: &cfg,
+                    tunnel: tunnel.as_ref(),
                     url,
                     client: &client,
                     queue: &queue,
@@ -337,7 +364,8 @@ impl Lanes {
 }
 
 struct Session<'a> {
-    cfg: &'a AgentConfig,
+    cfg: &'a Arc<AgentConfig>,
+    tunnel: Option<&'a Arc<TunnelAgent>>,
     url: &'a BrokerUrl,
     client: &'a AsyncClient,
     queue: &'a Arc<dyn UplinkQueue>,
@@ -371,7 +399,7 @@ impl Session<'_> {
     fn publish_record(&mut self, r: &StoredRecord) -> Result<(), String> {
         let historical = Duration::from_secs(self.cfg.uplink.historical_after_secs);
         let env = envelope(&self.cfg.device_id, r, historical, now_ms());
-        let topic = match data_topic(&self.cfg.device_id, &r.series) {
+        let topic = match record_topic(&self.cfg.device_id, &r.series) {
             Ok(t) => t,
             Err(e) => {
                 // Validated at ingest; a record that cannot be sent is dropped rather than
@@ -475,6 +503,17 @@ impl Session<'_> {
         self.publish_control(topic, false, body);
     }
 
+    /// An incoming PUBLISH: a tunnel offer on exactly `$tunnel/<id>/notify`, else a command.
+    fn on_publish(&mut self, topic: &str, payload: &[u8]) {
+        if let Some(t) = self.tunnel {
+            if topic == t.notify_topic() {
+                t.on_offer(self.cfg.clone(), payload.to_vec());
+                return;
+            }
+        }
+        self.on_command(topic, payload);
+    }
+
     fn on_command(&mut self, topic: &str, payload: &[u8]) {
         let device = &self.cfg.device_id;
         let Some(name) = commands::command_name(device, topic) else {
@@ -545,13 +584,33 @@ impl Session<'_> {
             true,
             status_payload("online", None, now_ms()),
         );
-        if let Err(e) = self
-            .client
-            .try_subscribe(format!("devices/{device}/cmd/#"), QoS::AtLeastOnce)
-        {
-            tracing::warn!(error = %e, "cannot subscribe to commands");
+        // One SUBSCRIBE; the SUBACK's return codes follow this order (see `on_suback`).
+        let mut filters = vec![SubscribeFilter::new(
+            format!("devices/{device}/cmd/#"),
+            QoS::AtLeastOnce,
+        )];
+        if let Some(t) = self.tunnel {
+            filters.push(SubscribeFilter::new(
+                t.notify_topic().to_string(),
+                QoS::AtLeastOnce,
+            ));
+        }
+        if let Err(e) = self.client.try_subscribe_many(filters) {
+            tracing::warn!(error = %e, "cannot subscribe to commands and tunnel offers");
         }
         Ok(())
+    }
+
+    /// The SUBACK of the subscription made at CONNACK: `[cmd/#, tunnel notify]`.
+    fn on_suback(&self, codes: &[rumqttc::SubscribeReasonCode]) {
+        let refused =
+            |i: usize| matches!(codes.get(i), Some(rumqttc::SubscribeReasonCode::Failure));
+        if refused(0) {
+            tracing::warn!("the broker refused the subscription to devices/<id>/cmd/# (check the ACL); remote commands are unavailable");
+        }
+        if refused(1) {
+            tracing::warn!("the broker refused the subscription to $tunnel/<id>/notify (check the ACL: `pattern read $tunnel/%u/notify`); remote sessions are unavailable");
+        }
     }
 
     fn on_puback(&mut self, pkid: u16) {
@@ -638,12 +697,8 @@ impl Session<'_> {
                         }
                     }
                     Ok(Event::Incoming(Incoming::PubAck(ack))) => self.on_puback(ack.pkid),
-                    Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                            tracing::warn!("the broker refused the subscription to devices/<id>/cmd/# (check the ACL); remote commands are unavailable");
-                        }
-                    }
-                    Ok(Event::Incoming(Incoming::Publish(p))) => self.on_command(&p.topic, &p.payload),
+                    Ok(Event::Incoming(Incoming::SubAck(ack))) => self.on_suback(&ack.return_codes),
+                    Ok(Event::Incoming(Incoming::Publish(p))) => self.on_publish(&p.topic, &p.payload),
                     Ok(_) => {}
                     Err(e) => return SessionEnd::Lost { connected: self.connected, error: e.to_string() },
                 },
@@ -677,5 +732,37 @@ mod tests {
         assert_eq!(fresh.device, "gw-1");
         let old = envelope("gw-1", &r, Duration::from_secs(300), 1_000_000 + 301_000);
         assert!(old.historical);
+    }
+
+    #[test]
+    fn audit_records_go_to_the_audit_topic() {
+        assert_eq!(
+            record_topic("gw-1", AUDIT_SERIES).unwrap(),
+            "devices/gw-1/audit"
+        );
+        assert_eq!(
+            record_topic("gw-1", "line1/temp").unwrap(),
+            "devices/gw-1/data/line1/temp"
+        );
+        // Only the exact reserved series; anything else stays under data/.
+        assert_eq!(
+            record_topic("gw-1", "audit").unwrap(),
+            "devices/gw-1/data/audit"
+        );
+        assert!(record_topic("gw/1", AUDIT_SERIES).is_err());
+        // The envelope keeps the series and carries the event as its payload.
+        let event = serde_json::json!({"event": "tunnel_open", "session": "s1"});
+        let r = StoredRecord {
+            seq: 9,
+            series: AUDIT_SERIES.into(),
+            ts_ms: 1_000_000,
+            enqueued_ms: 1_000_000,
+            payload: Payload::Json(event.clone()),
+        };
+        let env = envelope("gw-1", &r, Duration::from_secs(300), 1_000_500);
+        let back = TelemetryEnvelope::from_json_slice(&env.to_json_bytes()).unwrap();
+        assert_eq!(back.series, "$audit");
+        assert_eq!(back.seq, 9);
+        assert_eq!(back.payload, Payload::Json(event));
     }
 }

@@ -5,9 +5,17 @@
 //! - [`ws`]: WebSocket plumbing: the byte-stream adapter, the client connection.
 //! - [`frames`]: the relay's view of the yamux stream (stream limit, rule checks); fuzzed.
 //! - [`mux`]: yamux over the WebSocket byte stream.
+//! - [`relay`]: the broker side: pairs operators with devices, enforces grants and limits.
+//! - [`device`]: the agent side: answers offers, connects streams to allow-listed services.
+//! - [`operator`]: the operator side: open, forward, stdio, list.
 #![forbid(unsafe_code)]
 
+pub mod device;
 pub mod frames;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mux;
+pub mod operator;
 pub mod proto;
+pub mod relay;
 pub mod ws;

@@ -5,7 +5,7 @@
 //! u64  seq            big-endian, equal to the record's key
 //! u64  ts_ms          Unix milliseconds, at most MAX_TS_MILLIS
 //! u64  enqueued_ms    Unix milliseconds
-//! u32  series length, then the series (UTF-8, a valid series: see validate_series)
+//! u32  series length, then the series (UTF-8, a valid series: see check_series)
 //! u8   payload kind   0 = JSON, 1 = bytes
 //! u32  payload length, then the payload (JSON text for kind 0)
 //! ```
@@ -16,7 +16,7 @@
 
 use bulwark_protocol::envelope::{validate_series, Payload, MAX_TS_MILLIS};
 
-use super::StoredRecord;
+use super::{StoredRecord, RESERVED_SERIES};
 
 /// Version byte of the record encoding.
 pub const RECORD_VERSION: u8 = 1;
@@ -55,10 +55,27 @@ pub enum RecordError {
     Trailing(usize),
 }
 
+/// Checks a stored series: a valid envelope series
+/// ([`bulwark_protocol::envelope::validate_series`]) that does not start with `$`, or one of
+/// the agent's own [`RESERVED_SERIES`] (`$audit`). Producers never get this far with a `$`
+/// series: ingest refuses every one (`crate::ingest::validate_series`); only the agent
+/// appends reserved series, and any other `$` series is refused here, so nothing unknown
+/// can be mapped to a topic by the uplink.
+pub fn check_series(series: &str) -> Result<(), RecordError> {
+    validate_series(series).map_err(|e| RecordError::Series(e.to_string()))?;
+    if series.starts_with('$') && !RESERVED_SERIES.contains(&series) {
+        return Err(RecordError::Series(format!(
+            "{series:?}: a series starting with '$' is reserved for the agent ({})",
+            RESERVED_SERIES.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Checks what [`encode`] would refuse, without encoding: series, timestamp, lengths and
 /// JSON depth.
 pub fn check(series: &str, ts_ms: u64, payload: &Payload) -> Result<(), RecordError> {
-    validate_series(series).map_err(|e| RecordError::Series(e.to_string()))?;
+    check_series(series)?;
     if ts_ms > MAX_TS_MILLIS {
         return Err(RecordError::Timestamp(ts_ms));
     }
@@ -110,7 +127,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredRecord, RecordError> {
     let mut r = Reader { buf: bytes };
     let (seq, ts_ms, enqueued_ms) = read_header(&mut r)?;
     let series = std::str::from_utf8(r.sized()?).map_err(|_| RecordError::SeriesUtf8)?;
-    validate_series(series).map_err(|e| RecordError::Series(e.to_string()))?;
+    check_series(series)?;
     if ts_ms > MAX_TS_MILLIS {
         return Err(RecordError::Timestamp(ts_ms));
     }
@@ -264,7 +281,9 @@ mod tests {
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(decode(&huge), Err(RecordError::Truncated));
 
-        for series in ["", "a/#", "+", "/a", "a/", "a\0"] {
+        for series in [
+            "", "a/#", "+", "/a", "a/", "a\0", "$SYS/x", "$audit/x", "$auditx",
+        ] {
             let r = StoredRecord {
                 series: series.into(),
                 ..rec(Payload::Bytes(vec![]))
@@ -289,6 +308,21 @@ mod tests {
         let last = enc.len() - 1;
         enc[last] = b'x';
         assert!(matches!(decode(&enc), Err(RecordError::Json(_))));
+    }
+
+    #[test]
+    fn the_audit_series_is_stored() {
+        let r = StoredRecord {
+            series: crate::queue::AUDIT_SERIES.into(),
+            ..rec(Payload::Json(json!({"event": "tunnel_open"})))
+        };
+        assert_eq!(decode(&encode(&r).unwrap()).unwrap(), r);
+        // A stored record with another `$` series does not decode either.
+        let mut enc = encode(&r).unwrap();
+        let at = HEADER_LEN + 4 + 1;
+        assert_eq!(&enc[at..at + 5], b"audit");
+        enc[at..at + 5].copy_from_slice(b"other");
+        assert!(matches!(decode(&enc), Err(RecordError::Series(_))));
     }
 
     #[test]
