@@ -53,6 +53,9 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     #[serde(default)]
     pub ctl: crate::ctl::CtlConfig,
+    /// The Prometheus endpoint; off by default, loopback only unless opted out.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// The tunnel relay (`/tunnel/v1` on the wss listeners); off by default.
     #[serde(default)]
     pub tunnel: bulwark_tunnel::relay::RelayConfig,
@@ -658,6 +661,9 @@ impl Config {
             if let Err(e) = crate::abuse::Network::parse(a) {
                 return Err(self.invalid(format!("abuse.allow_list[{i}]"), e));
             }
+        }
+        if let Err((key, message)) = self.metrics.validate(&self.listeners) {
+            return Err(self.invalid(key, message));
         }
         if let Err((key, message)) = self.tunnel.validate() {
             return Err(self.invalid(key, message));

@@ -10,6 +10,7 @@
 //! - [`router`]: sessions, the subscription trie and retained messages behind one lock.
 //! - [`store`]: persistence behind [`store::BrokerStore`] (sled), with group commit.
 //! - [`sys`]: the `$SYS/broker/...` topics.
+//! - [`metrics`]: the figures behind them, and the Prometheus endpoint (`[metrics]`).
 //!
 //! [`Broker::start`] runs everything from a validated [`config::Config`]; the binary in
 //! `main.rs` adds the command line, logging and signal handling.
@@ -23,6 +24,7 @@ pub mod connection;
 pub mod ctl;
 pub mod doctor;
 pub mod listener;
+pub mod metrics;
 pub mod reload;
 pub mod router;
 pub mod session;
@@ -83,6 +85,7 @@ impl StartError {
 pub struct Broker {
     router: Arc<Router>,
     local_addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     store: Arc<dyn BrokerStore>,
@@ -157,6 +160,11 @@ impl Broker {
             local_addrs.push(addr);
             listeners.push((sock, rt));
         }
+        let metrics_sock = if config.metrics.enabled {
+            Some(metrics::bind(&config.metrics).await?)
+        } else {
+            None
+        };
 
         let authority =
             Arc::new(auth::Authority::from_config(&config.auth).map_err(StartError::Config)?);
@@ -216,6 +224,10 @@ impl Broker {
             shutdown_rx.clone(),
         ));
         tasks.spawn(expiry_loop(router.clone(), shutdown_rx.clone()));
+        let metrics_addr = metrics_sock.as_ref().map(|(_, addr)| *addr);
+        if let Some((sock, _)) = metrics_sock {
+            tasks.spawn(metrics::serve(sock, shared.clone(), shutdown_rx.clone()));
+        }
         if let Some(path) = &config.ctl.socket {
             let sock = ctl::bind(path)
                 .map_err(|e| StartError::Config(format!("[ctl] socket {}: {e}", path.display())))?;
@@ -240,6 +252,7 @@ impl Broker {
         Ok(Broker {
             router,
             local_addrs,
+            metrics_addr,
             shutdown,
             tasks,
             store,
@@ -250,6 +263,11 @@ impl Broker {
     /// The bound address of each listener, in configuration order (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// The bound address of the metrics endpoint, when `[metrics] enabled = true`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn router(&self) -> &Arc<Router> {

@@ -634,15 +634,26 @@ impl Router {
         expired.len()
     }
 
-    /// Figures for `$SYS` and tests.
+    /// Figures for `$SYS`, the metrics endpoint and tests.
     pub fn stats(&self) -> RouterStats {
         let st = self.lock();
-        RouterStats {
+        let mut stats = RouterStats {
             sessions: st.sessions.len(),
+            persistent_sessions: 0,
+            queued_messages: 0,
+            queued_bytes: 0,
+            max_queue_depth: 0,
             subscriptions: st.trie.len(),
             retained: st.retained.len(),
             retained_bytes: st.retained.bytes(),
+        };
+        for s in st.sessions.values() {
+            stats.persistent_sessions += usize::from(s.persistent);
+            stats.queued_messages += s.queue_len();
+            stats.queued_bytes += s.queued_bytes();
+            stats.max_queue_depth = stats.max_queue_depth.max(s.queue_len());
         }
+        stats
     }
 
     fn live(&self) -> MutexGuard<'_, HashMap<u64, LiveConnection>> {
@@ -735,6 +746,14 @@ impl Router {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouterStats {
     pub sessions: usize,
+    /// Sessions kept while their client is away (clean session 0).
+    pub persistent_sessions: usize,
+    /// Messages queued or in flight, summed over every session.
+    pub queued_messages: usize,
+    /// Payload bytes of those messages.
+    pub queued_bytes: usize,
+    /// The deepest single session queue (queued and in flight).
+    pub max_queue_depth: usize,
     pub subscriptions: usize,
     pub retained: usize,
     pub retained_bytes: usize,

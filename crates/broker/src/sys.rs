@@ -10,76 +10,58 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::config::SysConfig;
-use crate::router::{Metrics, Router};
+use crate::metrics::Figures;
+use crate::router::Router;
 use crate::session::Message;
 
-/// The topics and their current values.
+/// The topics and their current values (from [`Figures`], like the metrics endpoint).
 pub fn snapshot(router: &Router) -> Vec<(String, String)> {
-    let m = &router.metrics;
-    let stats = router.stats();
+    let f = Figures::collect(router);
     let fixed: Vec<(&str, String)> = vec![
         (
             "$SYS/broker/version",
             format!("bulwark-broker {}", crate::VERSION),
         ),
-        (
-            "$SYS/broker/uptime",
-            format!("{} seconds", router.started.elapsed().as_secs()),
-        ),
+        ("$SYS/broker/uptime", format!("{} seconds", f.uptime_secs)),
         (
             "$SYS/broker/clients/connected",
-            Metrics::get(&m.clients_connected).to_string(),
+            f.clients_connected.to_string(),
         ),
-        ("$SYS/broker/clients/total", stats.sessions.to_string()),
+        ("$SYS/broker/clients/total", f.router.sessions.to_string()),
         (
             "$SYS/broker/connections/total",
-            Metrics::get(&m.connections_total).to_string(),
+            f.connections_total.to_string(),
         ),
         (
             "$SYS/broker/connections/refused",
-            Metrics::get(&m.connections_refused).to_string(),
+            f.connections_refused.to_string(),
         ),
         (
             "$SYS/broker/messages/received",
-            Metrics::get(&m.messages_received).to_string(),
+            f.messages_received.to_string(),
         ),
-        (
-            "$SYS/broker/messages/sent",
-            Metrics::get(&m.messages_sent).to_string(),
-        ),
+        ("$SYS/broker/messages/sent", f.messages_sent.to_string()),
         (
             "$SYS/broker/messages/dropped",
-            Metrics::get(&m.messages_dropped).to_string(),
+            f.messages_dropped.to_string(),
         ),
-        (
-            "$SYS/broker/bytes/received",
-            Metrics::get(&m.bytes_received).to_string(),
-        ),
-        (
-            "$SYS/broker/bytes/sent",
-            Metrics::get(&m.bytes_sent).to_string(),
-        ),
+        ("$SYS/broker/bytes/received", f.bytes_received.to_string()),
+        ("$SYS/broker/bytes/sent", f.bytes_sent.to_string()),
         (
             "$SYS/broker/subscriptions/count",
-            stats.subscriptions.to_string(),
+            f.router.subscriptions.to_string(),
         ),
         (
             "$SYS/broker/retained messages/count",
-            stats.retained.to_string(),
+            f.router.retained.to_string(),
         ),
-        (
-            "$SYS/broker/protocol_errors",
-            Metrics::get(&m.protocol_errors).to_string(),
-        ),
-        (
-            "$SYS/broker/messages/denied",
-            Metrics::get(&m.deliveries_denied).to_string(),
-        ),
+        ("$SYS/broker/protocol_errors", f.protocol_errors.to_string()),
+        ("$SYS/broker/messages/denied", f.messages_denied.to_string()),
     ];
     let mut out: Vec<(String, String)> =
         fixed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     // One topic per audit event kind seen so far.
-    for (event, n) in crate::audit::counts().snapshot() {
+    for (event, n) in f.audit {
         out.push((format!("$SYS/broker/audit/{event}"), n.to_string()));
     }
     out
