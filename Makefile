@@ -3,14 +3,15 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 30
 
-.PHONY: all build run certs test test-rust fuzz-smoke lint fmt clean
+.PHONY: all build run certs test test-rust fuzz-smoke lint fmt clean deb
 
 all: build
 
 build:
 	$(CARGO) build --workspace --bins
 
-## Start the development broker (certificates created on first use under certs/dev).
+## The whole system on loopback: broker, two gateways (agent + producer), the consumer;
+## certificates created on first use under certs/dev, data under data/. Ctrl-C stops it.
 run: build
 	./scripts/dev-run.sh
 
@@ -37,3 +38,8 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+## Debian packages bulwark-broker and bulwark-agent in target/debian/ (dpkg-deb, no extra
+## tool). Packages the target/debug binaries; `make deb PROFILE=release` for a plant.
+deb:
+	./scripts/build-deb.sh all
