@@ -668,6 +668,17 @@ impl Router {
         self.live().remove(&conn);
     }
 
+    /// Whether a connected session of `identity` holds a subscription matching `topic`
+    /// (the tunnel relay asks this before offering a session to a device, so an offer is
+    /// never published before the device's agent can receive it).
+    pub fn identity_subscribed(&self, identity: &str, topic: &TopicName) -> bool {
+        self.lock().sessions.values().any(|s| {
+            s.connection.is_some()
+                && s.identity.as_deref() == Some(identity)
+                && s.subscriptions.keys().any(|f| f.matches(topic))
+        })
+    }
+
     /// Every live connection, by connection id.
     pub fn live_connections(&self) -> Vec<(u64, LiveConnection)> {
         let mut v: Vec<_> = self.live().iter().map(|(k, v)| (*k, v.clone())).collect();

@@ -126,13 +126,15 @@ impl RelayHost for BrokerRelayHost {
         .allowed
     }
 
+    /// Online for a tunnel: connected and subscribed to its notification topic (an agent
+    /// subscribes right after CONNACK; an offer published before that would be lost).
     fn device_online(&self, device: &str) -> bool {
-        self.shared.upgrade().is_some_and(|s| {
-            s.router
-                .live_connections()
-                .iter()
-                .any(|(_, c)| c.identity.as_deref() == Some(device))
-        })
+        let Ok(topic) = TopicName::new(bulwark_tunnel::proto::notify_topic(device)) else {
+            return false;
+        };
+        self.shared
+            .upgrade()
+            .is_some_and(|s| s.router.identity_subscribed(device, &topic))
     }
 
     fn notify(&self, device: &str, offer: &Offer) -> Result<(), String> {

@@ -139,7 +139,8 @@ pub trait RelayHost: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<String, String>>;
     /// Whether `operator` may open `service` on `device` (write on `$tunnel/D/open/S`).
     fn may_open(&self, operator: &str, device: &str, service: &str) -> bool;
-    /// Whether `device` has a live MQTT connection.
+    /// Whether `device` can receive an offer now: connected, and subscribed to its
+    /// notification topic.
     fn device_online(&self, device: &str) -> bool;
     /// Publishes the offer on `$tunnel/<device>/notify` (QoS 1, not retained).
     fn notify(&self, device: &str, offer: &Offer) -> Result<(), String>;
@@ -393,7 +394,7 @@ where
         }
         if !self.host.device_online(device) {
             let msg = format!(
-                "{device} is not connected to the broker (its retained devices/{device}/status says why); a tunnel needs the device online"
+                "{device} is not connected to the broker, or its agent has no tunnel enabled (its retained devices/{device}/status says whether it is online); a tunnel needs the device online with [tunnel] enabled = true"
             );
             return self
                 .refuse(ws, peer, who, ErrorCode::DeviceOffline, msg)

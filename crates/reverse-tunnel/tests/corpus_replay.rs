@@ -91,6 +91,10 @@ fn frames_seeds_cover_each_rule() {
         Some(FrameError::DeviceOpened(2))
     );
     assert_eq!(run("err-reopened").error, Some(FrameError::Reopened(1)));
+    // yamux sends a stream's SYN with its first frame: ids may open out of order.
+    let out_of_order = run("ok-syn-out-of-order");
+    assert_eq!(out_of_order.error, None);
+    assert_eq!(out_of_order.opened_total, 2);
     assert_eq!(
         run("err-data-too-large").error,
         Some(FrameError::TooLarge(65537))
