@@ -21,7 +21,7 @@ certs: build
 
 ## Everything CI runs: unit, property, integration and interop tests, corpus replay,
 ## and a short fuzzing run of every fuzz target.
-test: build test-rust fuzz-smoke
+test: build test-rust fuzz-smoke compose-test
 
 test-rust:
 	timeout 1500 $(CARGO) test --workspace
@@ -43,3 +43,40 @@ clean:
 ## tool). Packages the target/debug binaries; `make deb PROFILE=release` for a plant.
 deb:
 	./scripts/build-deb.sh all
+
+## --- Containers: the compose topology (deploy/docker-compose.yml, deploy/docker/README.md)
+## Docker Compose, whichever is installed (docker-compose or the docker compose plugin).
+COMPOSE ?= ./deploy/docker/compose.sh
+COMPOSE_PROJECT ?= bulwark
+COMPOSE_CMD = $(COMPOSE) -f deploy/docker-compose.yml -p $(COMPOSE_PROJECT)
+
+.PHONY: images compose-certs compose-up compose-down compose-test
+
+## Images, with no registry: the base by debootstrap (scripts/build-base-image.sh, once),
+## the Debian packages (scripts/build-deb.sh), then docker build of broker, gateway,
+## firewall, consumer and probe.
+images: build
+	./deploy/docker/build-images.sh
+
+## Certificates of the topology in deploy/.compose (git-ignored), made with bulwark-pki.
+compose-certs: build
+	./deploy/docker/compose-certs.sh
+
+## The topology as containers on field, dmz and enterprise networks; prints where to look.
+compose-up: images compose-certs
+	COMPOSE_PROJECT=$(COMPOSE_PROJECT) ./deploy/docker/compose-up.sh
+
+compose-down:
+	$(COMPOSE_CMD) down -v --remove-orphans
+
+## The end-to-end scenarios on the topology (integration-tests/tests/compose.rs), with
+## freshly built images. BULWARK_SKIP_COMPOSE=1 skips them (developers without Docker).
+## --workspace: the same dependency features as test-rust, so nothing is compiled twice.
+compose-test: build
+	@if [ "$${BULWARK_SKIP_COMPOSE:-0}" = 1 ]; then \
+		echo "compose-test: skipped (BULWARK_SKIP_COMPOSE=1)"; \
+	else \
+		./deploy/docker/build-images.sh; \
+	fi
+	timeout 1800 $(CARGO) test --workspace --test compose -- \
+		--ignored --test-threads=1 --nocapture
