@@ -2,6 +2,8 @@
 # serves tests, binaries and `make run`, so nothing is compiled twice.
 CARGO ?= cargo
 FUZZ_SECONDS ?= 30
+## Extra names and addresses for the development broker certificate: make certs SERVER_NAMES="broker.example 10.0.4.20"
+SERVER_NAMES ?=
 
 .PHONY: all build run certs test test-rust fuzz-smoke lint fmt clean deb
 
@@ -17,7 +19,8 @@ run: build
 
 ## Development PKI: root CA, server certificate, one application client certificate.
 certs: build
-	./target/debug/bulwark-pki init --dir certs/dev --client app1
+	./target/debug/bulwark-pki init --dir certs/dev $(foreach n,$(SERVER_NAMES),--server-name $(n)) \
+	    --client app1 --client gw-1 --client gw-2 --client alice
 
 ## Everything CI runs: unit, property, integration and interop tests, corpus replay,
 ## and a short fuzzing run of every fuzz target.
