@@ -351,6 +351,18 @@ impl ExposureReport {
     pub fn is_clean(&self) -> bool {
         self.exposed.is_empty()
     }
+
+    /// Logs the network-reachable sockets as a `host_exposed` audit event, if there are any.
+    pub fn audit(&self) {
+        if !self.is_clean() {
+            tracing::warn!(
+                target: "audit",
+                event = "host_exposed",
+                sockets = %self.exposed.iter().map(|s| s.description.as_str()).collect::<Vec<_>>().join(", "),
+                "this gateway has listening sockets that the network can reach; an edge gateway should have none"
+            );
+        }
+    }
 }
 
 impl fmt::Display for ExposureReport {

@@ -102,14 +102,7 @@ impl HealthCollector {
         };
         let exposure = match ExposureReport::collect() {
             Ok(r) => {
-                if !r.is_clean() {
-                    tracing::warn!(
-                        target: "audit",
-                        event = "host_exposed",
-                        sockets = %r.exposed.iter().map(|s| s.description.as_str()).collect::<Vec<_>>().join(", "),
-                        "this gateway has listening sockets that the network can reach"
-                    );
-                }
+                r.audit();
                 Some(r)
             }
             Err(e) => {

@@ -275,12 +275,7 @@ fn report_exposure() {
             loopback_only = r.loopback_only,
             "exposure check: no listening socket reachable from the network"
         ),
-        Ok(r) => tracing::warn!(
-            target: "audit",
-            event = "host_exposed",
-            sockets = %r.exposed.iter().map(|s| s.description.as_str()).collect::<Vec<_>>().join(", "),
-            "this gateway has listening sockets that the network can reach; an edge gateway should have none"
-        ),
+        Ok(r) => r.audit(),
         Err(e) => tracing::warn!(error = %e, "exposure check: cannot read /proc/net"),
     }
 }

@@ -613,6 +613,15 @@ impl Session<'_> {
         }
     }
 
+    /// rumqttc wrote the oldest submitted publish with packet id `pkid`: a record now
+    /// waits for its PUBACK.
+    fn on_outgoing_publish(&mut self, pkid: u16) {
+        if let Some(Sent::Record(seq)) = self.submitted.pop_front() {
+            crate::crash_point::hit(crate::crash_point::Phase::Published);
+            self.inflight.insert(pkid, seq);
+        }
+    }
+
     fn on_puback(&mut self, pkid: u16) {
         if let Some(seq) = self.inflight.remove(&pkid) {
             crate::crash_point::hit(crate::crash_point::Phase::Acked);
@@ -638,11 +647,7 @@ impl Session<'_> {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(Sent::Record(seq)) = self.submitted.pop_front() {
-                            self.inflight.insert(pkid, seq);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_outgoing_publish(pkid),
                     Ok(Event::Incoming(Incoming::PubAck(ack))) => self.on_puback(ack.pkid),
                     Ok(_) => {}
                     Err(_) => return,
@@ -690,12 +695,7 @@ impl Session<'_> {
                         }
                         health_tick.reset_immediately();
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(Sent::Record(seq)) = self.submitted.pop_front() {
-                            crate::crash_point::hit(crate::crash_point::Phase::Published);
-                            self.inflight.insert(pkid, seq);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_outgoing_publish(pkid),
                     Ok(Event::Incoming(Incoming::PubAck(ack))) => self.on_puback(ack.pkid),
                     Ok(Event::Incoming(Incoming::SubAck(ack))) => self.on_suback(&ack.return_codes),
                     Ok(Event::Incoming(Incoming::Publish(p))) => self.on_publish(&p.topic, &p.payload),

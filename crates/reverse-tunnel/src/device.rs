@@ -382,20 +382,10 @@ impl DeviceTunnels {
                 });
             })
         };
-        let idle = Duration::from_secs(self.config.idle_timeout_secs);
         activity.touch();
-        let idle_watch = async {
-            loop {
-                let quiet = activity.idle();
-                if quiet >= idle {
-                    return;
-                }
-                tokio::time::sleep(idle - quiet).await;
-            }
-        };
         let reason = tokio::select! {
             r = serve => match r { Ok(()) => "closed", Err(_) => "connection lost" },
-            _ = idle_watch => "idle timeout",
+            _ = activity.idle_for(Duration::from_secs(self.config.idle_timeout_secs)) => "idle timeout",
             _ = tokio::time::sleep(Duration::from_secs(self.config.max_session_secs)) => "maximum session lifetime",
         };
         (reason, total.load(Ordering::Relaxed))

@@ -27,10 +27,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Mutex as AsyncMutex};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::WebSocketStream;
 
@@ -707,134 +708,115 @@ where
         &self,
         op: WebSocketStream<S>,
         dev: WebSocketStream<S>,
-        activity: &Arc<Activity>,
+        activity: &Activity,
     ) -> &'static str {
-        let (op_tx, mut op_rx) = op.split();
-        let (mut dev_tx, mut dev_rx) = dev.split();
-        let op_tx = Arc::new(tokio::sync::Mutex::new(op_tx));
-        let filter = Arc::new(Mutex::new(FrameFilter::new(
+        let (op_tx, op_rx) = op.split();
+        let (dev_tx, dev_rx) = dev.split();
+        let op_tx = AsyncMutex::new(op_tx);
+        let dev_tx = AsyncMutex::new(dev_tx);
+        let filter = Mutex::new(FrameFilter::new(
             self.config.max_streams_per_session,
             MAX_MESSAGE_BYTES as u32,
-        )));
+        ));
         activity.touch();
-        let to_device = {
-            let op_tx = op_tx.clone();
-            let filter = filter.clone();
-            let activity = activity.clone();
-            async move {
-                while let Some(m) = op_rx.next().await {
-                    let b = match m {
-                        Ok(Message::Binary(b)) => b,
-                        Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                        Ok(_) | Err(_) => return "operator closed",
-                    };
-                    let out = match filter
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .feed(Direction::ToDevice, &b)
-                    {
-                        Ok(o) => o,
-                        Err(e) => {
-                            tracing::warn!(target: "audit", event = "tunnel_protocol_error", error = %e, "operator broke the tunnel protocol");
-                            return "operator protocol error";
-                        }
-                    };
-                    if out.refused > 0 {
-                        tracing::info!(
-                            refused = out.refused,
-                            "tunnel stream refused: tunnel.max_streams_per_session reached"
-                        );
-                    }
-                    if !out.forward.is_empty() {
-                        activity.bytes_in.fetch_add(
-                            out.forward.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        activity.touch();
-                        if dev_tx
-                            .send(Message::Binary(Bytes::from(out.forward)))
-                            .await
-                            .is_err()
-                        {
-                            return "device closed";
-                        }
-                    }
-                    if !out.reply.is_empty()
-                        && op_tx
-                            .lock()
-                            .await
-                            .send(Message::Binary(Bytes::from(out.reply)))
-                            .await
-                            .is_err()
-                    {
-                        return "operator closed";
-                    }
-                }
-                let _ = dev_tx.close().await;
-                "operator closed"
-            }
-        };
-        let to_operator = {
-            let op_tx = op_tx.clone();
-            let filter = filter.clone();
-            let activity = activity.clone();
-            async move {
-                while let Some(m) = dev_rx.next().await {
-                    let b = match m {
-                        Ok(Message::Binary(b)) => b,
-                        Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                        Ok(_) | Err(_) => return "device closed",
-                    };
-                    let out = match filter
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .feed(Direction::ToOperator, &b)
-                    {
-                        Ok(o) => o,
-                        Err(e) => {
-                            tracing::warn!(target: "audit", event = "tunnel_protocol_error", error = %e, "device broke the tunnel protocol");
-                            return "device protocol error";
-                        }
-                    };
-                    if !out.forward.is_empty() {
-                        activity.bytes_out.fetch_add(
-                            out.forward.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        activity.touch();
-                        if op_tx
-                            .lock()
-                            .await
-                            .send(Message::Binary(Bytes::from(out.forward)))
-                            .await
-                            .is_err()
-                        {
-                            return "operator closed";
-                        }
-                    }
-                }
-                "device closed"
-            }
-        };
-        let idle = Duration::from_secs(self.config.idle_timeout_secs);
-        let idle_watch = async {
-            loop {
-                let quiet = activity.idle();
-                if quiet >= idle {
-                    return;
-                }
-                tokio::time::sleep(idle - quiet).await;
-            }
-        };
         let reason = tokio::select! {
-            r = to_device => r,
-            r = to_operator => r,
-            _ = idle_watch => "idle timeout",
+            r = pump(Direction::ToDevice, op_rx, &dev_tx, &op_tx, &filter, activity) => r,
+            r = pump(Direction::ToOperator, dev_rx, &op_tx, &dev_tx, &filter, activity) => r,
+            _ = activity.idle_for(Duration::from_secs(self.config.idle_timeout_secs)) => "idle timeout",
             _ = tokio::time::sleep(Duration::from_secs(self.config.max_session_secs)) => "maximum session lifetime",
         };
         let _ = op_tx.lock().await.close().await;
         reason
     }
+}
+
+type WsSink<S> = AsyncMutex<SplitSink<WebSocketStream<S>, Message>>;
+
+/// One direction of a spliced session: each binary message from `rx` goes through the
+/// frame filter, what it lets through goes to `to`, and its answers (resets of refused
+/// streams) go back to `from`. One message in hand at a time: back-pressure, bounded
+/// memory. Returns why it stopped.
+async fn pump<S>(
+    dir: Direction,
+    mut rx: SplitStream<WebSocketStream<S>>,
+    to: &WsSink<S>,
+    from: &WsSink<S>,
+    filter: &Mutex<FrameFilter>,
+    activity: &Activity,
+) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (src_closed, dst_closed, src_broke, counter) = match dir {
+        Direction::ToDevice => (
+            "operator closed",
+            "device closed",
+            "operator protocol error",
+            &activity.bytes_in,
+        ),
+        Direction::ToOperator => (
+            "device closed",
+            "operator closed",
+            "device protocol error",
+            &activity.bytes_out,
+        ),
+    };
+    while let Some(m) = rx.next().await {
+        let b = match m {
+            Ok(Message::Binary(b)) => b,
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(_) | Err(_) => return src_closed,
+        };
+        let fed = filter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .feed(dir, &b);
+        let out = match fed {
+            Ok(o) => o,
+            Err(e) => {
+                let side = if dir == Direction::ToDevice {
+                    "operator"
+                } else {
+                    "device"
+                };
+                tracing::warn!(target: "audit", event = "tunnel_protocol_error", error = %e, "{side} broke the tunnel protocol");
+                return src_broke;
+            }
+        };
+        if out.refused > 0 {
+            tracing::info!(
+                refused = out.refused,
+                "tunnel stream refused: tunnel.max_streams_per_session reached"
+            );
+        }
+        if !out.forward.is_empty() {
+            counter.fetch_add(
+                out.forward.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            activity.touch();
+            let sent = to
+                .lock()
+                .await
+                .send(Message::Binary(Bytes::from(out.forward)))
+                .await;
+            if sent.is_err() {
+                return dst_closed;
+            }
+        }
+        if !out.reply.is_empty() {
+            let sent = from
+                .lock()
+                .await
+                .send(Message::Binary(Bytes::from(out.reply)))
+                .await;
+            if sent.is_err() {
+                return src_closed;
+            }
+        }
+    }
+    let _ = to.lock().await.close().await;
+    src_closed
 }
 
 #[cfg(test)]

@@ -55,6 +55,17 @@ impl Activity {
         self.start.elapsed().saturating_sub(last)
     }
 
+    /// Resolves once no byte has gone either way for `idle`.
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            let quiet = self.idle();
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    }
+
     pub fn bytes_in(&self) -> u64 {
         self.bytes_in.load(Ordering::Relaxed)
     }
