@@ -58,49 +58,15 @@ fn now_ms() -> u64 {
 }
 
 /// Builds the rustls client configuration from the files as they are now (read on every
-/// attempt, so a broken CA file fails every attempt, and a fixed one is picked up).
+/// attempt, so a broken CA file fails every attempt, and a fixed one is picked up): the
+/// same builder the tunnel's operator side uses, with the device certificate.
 pub fn tls_config(cfg: &AgentConfig) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let u = &cfg.uplink;
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca) = &u.ca_file {
-        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-        let mut n = 0;
-        for c in CertificateDer::pem_slice_iter(&pem) {
-            let c = c.map_err(|e| format!("{}: not a PEM certificate file: {e}", ca.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("{}: unusable CA certificate: {e}", ca.display()))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(format!("{}: contains no certificate", ca.display()));
-        }
-    }
-    if u.use_system_roots {
-        let found = rustls_native_certs::load_native_certs();
-        for c in found.certs {
-            let _ = roots.add(c);
-        }
-    }
-    let cert_pem =
-        std::fs::read(&u.cert_file).map_err(|e| format!("{}: {e}", u.cert_file.display()))?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e}", u.cert_file.display()))?;
-    let key_pem =
-        std::fs::read(&u.key_file).map_err(|e| format!("{}: {e}", u.key_file.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| format!("{}: not a PEM private key: {e}", u.key_file.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", u.key_file.display()))?;
-    Ok(Arc::new(config))
+    bulwark_tunnel::operator::client_tls(
+        u.ca_file.as_deref(),
+        u.use_system_roots,
+        Some((&u.cert_file, &u.key_file)),
+    )
 }
 
 fn mqtt_options(cfg: &AgentConfig, url: &BrokerUrl) -> Result<MqttOptions, String> {
