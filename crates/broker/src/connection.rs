@@ -104,47 +104,75 @@ pub async fn serve(
         identity = field::Empty,
     );
     async move {
-        let limits = shared.router.limits().clone();
-        let deadline = accepted + limits.connect_timeout();
-        let established =
-            tokio::time::timeout_at(deadline, establish(&shared, &listener, stream, peer)).await;
-        let (transport, connect, certificate, rbuf) = match established {
-            Ok(Ok(Setup::Mqtt(e))) => e,
-            Ok(Ok(Setup::Tunnel(ws, identity))) => {
-                if let Some(relay) = shared.tunnel.get() {
-                    relay.clone().serve(*ws, identity, peer, shutdown).await;
-                }
-                return;
-            }
-            Ok(Err(e)) => {
-                e.log(peer);
-                return;
-            }
-            Err(_) => {
-                Metrics::add(&shared.router.metrics.connections_refused, 1);
-                tracing::warn!(
-                    target: "audit",
-                    event = "connect_timeout",
-                    %peer,
-                    timeout_secs = limits.connect_timeout_secs,
-                    "no complete CONNECT within limits.connect_timeout_secs of accept; closed"
-                );
-                return;
-            }
+        // Set-up (TLS and WebSocket handshakes, CONNECT, authentication, a tunnel relay
+        // session) runs boxed, so the long-lived task of an idle connection holds only
+        // what `run` needs.
+        let ready = Box::pin(set_up(shared, listener, stream, peer, accepted, &shutdown)).await;
+        let Some(Ready {
+            mut connection,
+            first,
+            waker,
+            kick,
+        }) = ready
+        else {
+            return;
         };
-        Connection::start(
-            shared,
-            listener,
-            transport,
-            connect,
-            certificate,
-            rbuf,
-            peer,
-            shutdown,
-        )
-        .await;
+        let end = connection.run(first, waker, kick, shutdown).await;
+        Box::pin(connection.finish(end)).await;
     }
     .instrument(span)
+    .await
+}
+
+/// Everything from accept to an accepted CONNECT: `None` when the connection ended on the
+/// way (refused, timed out, or a tunnel relay session that has run its course).
+async fn set_up(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<Ready> {
+    let deadline = accepted + shared.router.limits().connect_timeout();
+    let established =
+        tokio::time::timeout_at(deadline, establish(&shared, &listener, stream, peer)).await;
+    let (transport, connect, certificate, rbuf) = match established {
+        Ok(Ok(Setup::Mqtt(e))) => e,
+        Ok(Ok(Setup::Tunnel(ws, identity))) => {
+            if let Some(relay) = shared.tunnel.get() {
+                relay
+                    .clone()
+                    .serve(*ws, identity, peer, shutdown.clone())
+                    .await;
+            }
+            return None;
+        }
+        Ok(Err(e)) => {
+            e.log(peer);
+            return None;
+        }
+        Err(_) => {
+            Metrics::add(&shared.router.metrics.connections_refused, 1);
+            tracing::warn!(
+                target: "audit",
+                event = "connect_timeout",
+                %peer,
+                timeout_secs = shared.router.limits().connect_timeout_secs,
+                "no complete CONNECT within limits.connect_timeout_secs of accept; closed"
+            );
+            return None;
+        }
+    };
+    Connection::start(
+        shared,
+        listener,
+        transport,
+        connect,
+        certificate,
+        rbuf,
+        peer,
+    )
     .await
 }
 
@@ -316,6 +344,25 @@ struct Connection {
     published: (u64, u64),
 }
 
+/// What woke an established connection's task.
+enum Event {
+    Shutdown,
+    Kicked,
+    Read(std::io::Result<usize>),
+    /// Messages were queued for the session.
+    Deliveries,
+    KeepaliveExpired,
+}
+
+/// An accepted connection, ready to serve: what set-up leaves behind for [`Connection::run`].
+struct Ready {
+    connection: Connection,
+    /// CONNACK and what is resent of the session.
+    first: Vec<Packet>,
+    waker: Arc<tokio::sync::Notify>,
+    kick: Arc<tokio::sync::Notify>,
+}
+
 /// Why CONNECT was refused, for the audit log.
 fn refuse_reason(code: ConnectReturnCode) -> &'static str {
     match code {
@@ -338,8 +385,7 @@ impl Connection {
         certificate: Option<ClientCertificate>,
         rbuf: BytesMut,
         peer: SocketAddr,
-        shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Option<Ready> {
         let router = shared.router.clone();
         let limits = router.limits().clone();
         let span = tracing::Span::current();
@@ -370,7 +416,10 @@ impl Connection {
         };
         let (identity, client_id, via_password) = match checked {
             Ok(v) => v,
-            Err(code) => return send_refusal(&mut transport, code).await,
+            Err(code) => {
+                send_refusal(&mut transport, code).await;
+                return None;
+            }
         };
         if let Some(i) = &identity {
             span.record("identity", field::display(i.escape_debug()));
@@ -390,7 +439,8 @@ impl Connection {
                         identity.as_deref(),
                         "client id belongs to a session of another identity",
                     );
-                    return send_refusal(&mut transport, code).await;
+                    send_refusal(&mut transport, code).await;
+                    return None;
                 }
             };
         router.register_connection(
@@ -423,7 +473,7 @@ impl Connection {
             session_present = attached.session_present,
             "client connected"
         );
-        let mut c = Connection {
+        let c = Connection {
             shared: shared.clone(),
             transport,
             rbuf,
@@ -444,8 +494,12 @@ impl Connection {
             code: ConnectReturnCode::Accepted,
         })];
         first.extend(attached.resend);
-        let end = c.run(first, attached.waker, attached.kick, shutdown).await;
-        c.finish(end).await;
+        Some(Ready {
+            connection: c,
+            first,
+            waker: attached.waker,
+            kick: attached.kick,
+        })
     }
 
     async fn run(
@@ -496,36 +550,47 @@ impl Connection {
                 }
             }
             let ka_deadline = self.keepalive.map(|k| last_activity + k);
-            let step = tokio::select! {
-                _ = shutdown.changed() => Err(End::Shutdown),
-                _ = kick.notified() => Err(if self.shared.router.owns(&self.client_id, self.conn) {
+            // The wait holds only the small futures it selects over; handling what it
+            // returned (boxed, on the heap while it runs) is not part of an idle task.
+            let event = tokio::select! {
+                _ = shutdown.changed() => Event::Shutdown,
+                _ = kick.notified() => Event::Kicked,
+                r = self.transport.read_into(&mut self.rbuf) => Event::Read(r),
+                _ = waker.notified() => Event::Deliveries,
+                _ = sleep_until_opt(ka_deadline) => Event::KeepaliveExpired,
+            };
+            let step = match event {
+                Event::Shutdown => Err(End::Shutdown),
+                Event::Kicked => Err(if self.shared.router.owns(&self.client_id, self.conn) {
                     End::Kicked
                 } else {
                     End::TakenOver
                 }),
-                r = self.transport.read_into(&mut self.rbuf) => match r {
-                    Ok(0) => Err(End::ClosedByPeer),
-                    Ok(n) => {
-                        Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
-                        last_activity = Instant::now();
-                        match self.process_input().await {
-                            Ok(None) => Ok(()),
-                            Ok(Some(end)) | Err(end) => Err(end),
-                        }
+                Event::Read(Ok(0)) => Err(End::ClosedByPeer),
+                Event::Read(Ok(n)) => {
+                    Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
+                    last_activity = Instant::now();
+                    match Box::pin(self.process_input()).await {
+                        Ok(None) => Ok(()),
+                        Ok(Some(end)) | Err(end) => Err(end),
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "read failed");
-                        Err(End::Io)
-                    }
-                },
-                _ = waker.notified() => {
+                }
+                Event::Read(Err(e)) => {
+                    tracing::debug!(error = %e, "read failed");
+                    Err(End::Io)
+                }
+                Event::Deliveries => {
                     let mut out = Vec::new();
-                    match self.shared.router.with_session(&self.client_id, self.conn, |s| s.drain_outgoing(&mut out)) {
-                        Some(()) => self.write(&out).await,
+                    match self
+                        .shared
+                        .router
+                        .with_session(&self.client_id, self.conn, |s| s.drain_outgoing(&mut out))
+                    {
+                        Some(()) => Box::pin(self.write(&out)).await,
                         None => Err(End::TakenOver),
                     }
                 }
-                _ = sleep_until_opt(ka_deadline) => Err(End::KeepaliveTimeout),
+                Event::KeepaliveExpired => Err(End::KeepaliveTimeout),
             };
             if let Err(end) = step {
                 return end;

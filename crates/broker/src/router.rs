@@ -111,7 +111,8 @@ impl RetainedStore {
 }
 
 struct State {
-    sessions: HashMap<Arc<str>, Session>,
+    /// Boxed: the table's spare slots then cost a pointer each, not a whole session.
+    sessions: HashMap<Arc<str>, Box<Session>>,
     trie: SubscriptionTrie<Arc<str>, QoS>,
     retained: RetainedStore,
 }
@@ -153,7 +154,7 @@ pub struct LiveConnection {
 /// Shared broker state. Cheap to reach from every connection task through an `Arc`.
 pub struct Router {
     state: Mutex<State>,
-    connections: Mutex<HashMap<u64, LiveConnection>>,
+    connections: Mutex<HashMap<u64, Box<LiveConnection>>>,
     limits: Limits,
     queue_limits: QueueLimits,
     store: Arc<dyn BrokerStore>,
@@ -253,7 +254,7 @@ impl Router {
                 }
             }
             s.restore_queue(queued);
-            st.sessions.insert(cid, s);
+            st.sessions.insert(cid, Box::new(s));
         }
         tracing::info!(
             retained = st.retained.len(),
@@ -322,7 +323,11 @@ impl Router {
             self.remove_session_locked(st, client_id);
             st.sessions.insert(
                 client_id.clone(),
-                Session::new(client_id.clone(), identity.cloned(), !clean_session),
+                Box::new(Session::new(
+                    client_id.clone(),
+                    identity.cloned(),
+                    !clean_session,
+                )),
             );
         }
         let s = st.sessions.get_mut(client_id).expect("inserted above");
@@ -656,12 +661,12 @@ impl Router {
         stats
     }
 
-    fn live(&self) -> MutexGuard<'_, HashMap<u64, LiveConnection>> {
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, Box<LiveConnection>>> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn register_connection(&self, conn: u64, live: LiveConnection) {
-        self.live().insert(conn, live);
+        self.live().insert(conn, Box::new(live));
     }
 
     pub fn unregister_connection(&self, conn: u64) {
@@ -681,15 +686,23 @@ impl Router {
 
     /// Every live connection, by connection id.
     pub fn live_connections(&self) -> Vec<(u64, LiveConnection)> {
-        let mut v: Vec<_> = self.live().iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut v: Vec<_> = self
+            .live()
+            .iter()
+            .map(|(k, v)| (*k, LiveConnection::clone(v)))
+            .collect();
         v.sort_by_key(|(k, _)| *k);
         v
     }
 
     /// Disconnects every live connection for which `pred` holds; returns them.
     pub fn kick_where(&self, pred: impl Fn(&LiveConnection) -> bool) -> Vec<LiveConnection> {
-        let kicked: Vec<LiveConnection> =
-            self.live().values().filter(|c| pred(c)).cloned().collect();
+        let kicked: Vec<LiveConnection> = self
+            .live()
+            .values()
+            .filter(|c| pred(c))
+            .map(|c| LiveConnection::clone(c))
+            .collect();
         for c in &kicked {
             c.kick.notify_one();
         }

@@ -100,6 +100,23 @@ pub async fn accept_websocket(
     })
 }
 
+/// Bytes a read may fill at once: large enough that a busy publisher's packets arrive in
+/// few system calls.
+const READ_CHUNK: usize = 16 * 1024;
+
+fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Gives back the memory of a read buffer that holds no partial packet.
+fn release_if_empty(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+}
+
 fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -120,10 +137,32 @@ impl Transport {
     }
 
     /// Reads available bytes into `buf`; `Ok(0)` at end of stream. Cancel-safe.
+    ///
+    /// An idle connection holds no read buffer: when nothing is waiting to be read and
+    /// `buf` holds no partial packet, its memory is given back before waiting for the
+    /// socket to become readable. A busy connection keeps its buffer between reads.
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        use futures_util::FutureExt as _;
         match self {
-            Transport::Tcp(s) => s.read_buf(buf).await,
-            Transport::Tls(s) => s.read_buf(buf).await,
+            Transport::Tcp(s) => loop {
+                reserve_for_read(buf);
+                match s.try_read_buf(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        release_if_empty(buf);
+                        s.readable().await?;
+                    }
+                    r => return r,
+                }
+            },
+            Transport::Tls(s) => loop {
+                reserve_for_read(buf);
+                // One poll: decrypted bytes already held by rustls, or what the socket has.
+                if let Some(r) = s.read_buf(buf).now_or_never() {
+                    return r;
+                }
+                release_if_empty(buf);
+                s.get_ref().0.readable().await?;
+            },
             Transport::Wss(ws) => loop {
                 match ws.next().await {
                     None => return Ok(0),
