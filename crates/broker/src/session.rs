@@ -229,14 +229,16 @@ impl Session {
         }
         let pkid = self.allocate_pkid();
         let packet = publish_packet(&q.msg, q.qos, q.retain, Some(pkid), false);
-        let change = QueueChange::Put {
+        // Only a persistent session's in-flight messages are stored; a clean session
+        // does not pay for the record.
+        let change = self.persistent.then(|| QueueChange::Put {
             seq: q.seq,
             record: QueuedRecord {
                 message: q.msg.to_stored(q.qos, q.retain),
                 pkid,
                 released: false,
             },
-        };
+        });
         self.inflight.push_back(Inflight {
             seq: q.seq,
             pkid,
@@ -245,7 +247,7 @@ impl Session {
             retain: q.retain,
             released: false,
         });
-        Some((packet, Some(change)))
+        Some((packet, change))
     }
 
     /// The message that [`Session::next_outgoing`] would send next.
