@@ -5,7 +5,7 @@ FUZZ_SECONDS ?= 30
 ## Extra names and addresses for the development broker certificate: make certs SERVER_NAMES="broker.example 10.0.4.20"
 SERVER_NAMES ?=
 
-.PHONY: all build run certs test test-rust fuzz-smoke lint fmt clean deb
+.PHONY: all build run certs test test-rust test-scripts fuzz-smoke lint fmt clean deb bench
 
 all: build
 
@@ -24,10 +24,14 @@ certs: build
 
 ## Everything CI runs: unit, property, integration and interop tests, corpus replay,
 ## and a short fuzzing run of every fuzz target.
-test: build test-rust fuzz-smoke compose-test
+test: build test-rust test-scripts fuzz-smoke compose-test
 
 test-rust:
 	timeout 1500 $(CARGO) test --workspace
+
+## The benchmark script's own unit tests (median, ratios, report, SVG).
+test-scripts:
+	python3 -m unittest scripts/test_bench.py
 
 fuzz-smoke:
 	./scripts/fuzz-smoke.sh $(FUZZ_SECONDS)
@@ -46,6 +50,15 @@ clean:
 ## tool). Packages the target/debug binaries; `make deb PROFILE=release` for a plant.
 deb:
 	./scripts/build-deb.sh all
+
+## Benchmarks: bulwark-broker beside Mosquitto and rumqttd (installed if missing) with the
+## load generator bulwark-bench, plus the agent and tunnel figures; writes BENCHMARKS.md and
+## bench/ratios.svg, raw results in bench/.run/. Release binaries (the dev profile would
+## measure the wrong thing). Quick run: BENCH_SCALE=0.1 BENCH_ROUNDS=1 make bench; other
+## knobs (BENCH_ONLY, BENCH_BROKERS, ...) are described at the top of scripts/bench.py.
+bench:
+	$(CARGO) build --release --workspace --bins
+	python3 scripts/bench.py
 
 ## --- Containers: the compose topology (deploy/docker-compose.yml, deploy/docker/README.md)
 ## Docker Compose, whichever is installed (docker-compose or the docker compose plugin).

@@ -1,0 +1,161 @@
+"""Unit tests of the pure parts of scripts/bench.py: python3 -m unittest scripts/test_bench.py"""
+
+import os
+import sys
+import unittest
+import xml.etree.ElementTree as ET
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench  # noqa: E402
+
+
+class Median(unittest.TestCase):
+    def test_odd_even_and_missing(self):
+        self.assertEqual(bench.median([3, 1, 2]), 2)
+        self.assertEqual(bench.median([4, 1, 3, 2]), 2.5)
+        self.assertEqual(bench.median([None, 5, None]), 5)
+        self.assertIsNone(bench.median([]))
+        self.assertIsNone(bench.median([None, float("nan")]))
+
+
+class Ratios(unittest.TestCase):
+    def test_ratio(self):
+        self.assertAlmostEqual(bench.ratio(150, 100), 1.5)
+        self.assertIsNone(bench.ratio(None, 100))
+        self.assertIsNone(bench.ratio(100, None))
+        self.assertIsNone(bench.ratio(100, 0))
+
+    def test_normalised_turns_lower_is_better(self):
+        self.assertAlmostEqual(bench.normalised(2.0, True), 2.0)
+        self.assertAlmostEqual(bench.normalised(2.0, False), 0.5)
+        self.assertIsNone(bench.normalised(None, True))
+        self.assertIsNone(bench.normalised(0.0, False))
+
+    def test_row_ratio_references(self):
+        thr = bench.Row("fan-in-qos0", "msgs_per_s", "msgs/s", True, ("best", ">=", 1.0))
+        lat = bench.Row("latency-qos0", "p50_us", "p50", False, ("mosquitto", "<=", 1.0))
+        peers = {"mosquitto": 100.0, "rumqttd": 200.0}
+        self.assertAlmostEqual(bench.row_ratio(thr, 300.0, peers), 1.5)  # vs best peer
+        self.assertAlmostEqual(bench.row_ratio(lat, 50.0, peers), 0.5)  # vs mosquitto
+
+    def test_verdict(self):
+        peers = {"mosquitto": 100.0, "rumqttd": 200.0}
+        self.assertEqual(bench.verdict(200.0, peers, ("best", ">=", 1.0)), "PASS")
+        self.assertEqual(bench.verdict(199.0, peers, ("best", ">=", 1.0)), "FAIL")
+        self.assertEqual(bench.verdict(150.0, peers, ("mosquitto", "<=", 1.5)), "PASS")
+        self.assertEqual(bench.verdict(151.0, peers, ("mosquitto", "<=", 1.5)), "FAIL")
+        self.assertEqual(bench.verdict(None, peers, ("mosquitto", "<=", 1.0)), "n/a")
+        self.assertEqual(bench.verdict(1.0, {"rumqttd": 1.0}, ("mosquitto", "<=", 1.0)), "n/a")
+        self.assertEqual(bench.verdict(1.0, peers, None), "—")
+
+
+class Helpers(unittest.TestCase):
+    def test_rotated(self):
+        self.assertEqual(bench.rotated([1, 2, 3], 1), [2, 3, 1])
+        self.assertEqual(bench.rotated([1, 2, 3], 4), [2, 3, 1])
+        self.assertEqual(bench.rotated([], 2), [])
+
+    def test_scaled(self):
+        self.assertEqual(bench.scaled(200000, 0.1), 20000)
+        self.assertEqual(bench.scaled(50, 0.01, 2), 2)
+
+    def test_selected(self):
+        self.assertTrue(bench.selected("fan-in-qos0", []))
+        self.assertTrue(bench.selected("fan-in-qos0", ["fan-in"]))
+        self.assertTrue(bench.selected("retained", ["retained"]))
+        self.assertFalse(bench.selected("fan-out-qos0", ["fan-in"]))
+        self.assertTrue(bench.selected("fan-out-qos1", ["fan"]))
+        self.assertFalse(bench.selected("fan-in-qos0", ["fan-i"]))
+
+    def test_is_figure_line(self):
+        self.assertTrue(bench.is_figure_line('{"scenario":"agent-ingest","records_per_s":1.0}'))
+        self.assertTrue(bench.is_figure_line('{"agent_cpu_percent":59.3,"scenario":"agent-ingest"}'))
+        self.assertFalse(bench.is_figure_line('{"records_per_s":1.0}'))
+        self.assertFalse(bench.is_figure_line('test foo ... ok'))
+        self.assertFalse(bench.is_figure_line('{not json'))
+
+    def test_parse_listen_ports(self):
+        text = (
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+            "   0: 0100007F:075B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n"
+            "   1: 0100007F:C350 0100007F:075B 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n"
+        )
+        self.assertEqual(bench.parse_listen_ports(text), {1883})
+
+    def test_render_template(self):
+        self.assertEqual(bench.render_template("a=@A@ b=@B_2@", {"A": 1, "B_2": "x"}), "a=1 b=x")
+        with self.assertRaises(bench.BenchError):
+            bench.render_template("@MISSING@", {})
+
+    def test_committed_configs_have_every_placeholder(self):
+        values = dict(bench.SHARED_LIMITS, TCP_PORT=1, TLS_PORT=2, CERTS="/c", DATA="/d", ACL="/a",
+                      CONF_DIR="/b", USER="u", LOG_BASE="/l/x", ROUTER_MAX_CONNECTIONS=1, MAX_OUTGOING=1, DURABILITY="sync")
+        for name in ("bulwark.toml", "mosquitto.conf", "rumqttd.toml"):
+            text = (bench.BENCH_DIR / name).read_text()
+            out = bench.render_template(text, values)
+            self.assertNotRegex(out, r"@[A-Z_]+@", name)
+
+
+def fake_results():
+    out = []
+    for rnd in (1, 2, 3):
+        for broker, thr, p50, bpc in (("bulwark", 300.0, 50.0, 9000.0), ("mosquitto", 100.0 + rnd, 100.0, 8000.0),
+                                      ("rumqttd", 200.0, 80.0, 30000.0), ("bulwark-sync", 250.0, 60.0, 9000.0)):
+            base = dict(broker=broker, round=rnd, pinned=True, gen_cpu_pct=50.0 + rnd, broker_cpu_pct=90.0)
+            out.append(dict(base, scenario_id="fan-in-qos1", scenario="fan-in", msgs_per_s=thr,
+                            lost=1 if broker == "rumqttd" and rnd == 2 else 0, duplicates=0))
+            out.append(dict(base, scenario_id="latency-qos0", scenario="latency", p50_us=p50, p99_us=p50 * 4))
+            out.append(dict(base, scenario_id="conn-scale-tls", scenario="conn-scale", bytes_per_conn=bpc,
+                            connects_per_s=1000.0, failed=0))
+    out.append(dict(scenario_id="fan-in-qos1", broker="mosquitto", round=4, pinned=True, error="boom"))
+    return out
+
+
+class Report(unittest.TestCase):
+    def test_aggregate_and_rows(self):
+        agg = bench.aggregate(fake_results(), pinned=True)
+        self.assertEqual(agg[("fan-in-qos1", "mosquitto")]["msgs_per_s"], 102.0)
+        self.assertEqual(agg[("fan-in-qos1", "mosquitto")]["errors"], ["boom"])
+        self.assertEqual(agg[("fan-in-qos1", "rumqttd")]["lost_total"], 1)
+        self.assertEqual(bench.aggregate(fake_results(), pinned=False), {})
+        rows = bench.build_rows(agg, bench.ALL_BROKERS)
+        by = {(r["row"].scenario, r["row"].field): r for r in rows}
+        self.assertAlmostEqual(by[("fan-in-qos1", "msgs_per_s")]["ratio"], 300.0 / 102.0)
+        self.assertEqual(by[("fan-in-qos1", "msgs_per_s")]["verdict"], "PASS")
+        self.assertEqual(by[("fan-in-qos1", "lost")]["verdict"], "PASS")
+        self.assertAlmostEqual(by[("latency-qos0", "p50_us")]["ratio"], 0.5)
+        self.assertAlmostEqual(by[("latency-qos0", "p50_us")]["norm"], 2.0)
+        self.assertEqual(by[("conn-scale-tls", "bytes_per_conn")]["verdict"], "PASS")  # 9000 <= 1.5*8000
+        problems = bench.loud_problems(agg)
+        self.assertTrue(any("rumqttd LOST 1 QoS1" in p for p in problems), problems)
+        # rumqttd lost a QoS 1 message: shown with ‡, no reference (mosquitto's 102 is).
+        self.assertEqual(by[("fan-in-qos1", "msgs_per_s")]["lossy"], {"rumqttd"})
+        table = bench.markdown_table(rows, bench.ALL_BROKERS)
+        self.assertIn("200 (gen 52%) ‡", table)
+        self.assertIn("| fan-in-qos1 | msgs/s (↑) | 300 (gen 52%)", table)
+        self.assertIn("**1 LOST**", table)
+
+
+class Svg(unittest.TestCase):
+    def test_valid_xml_with_bars_and_unity_line(self):
+        bars = [("fan-in-qos0 msgs/s", 1.5, "PASS"), ("latency <p50> & more", 0.5, "FAIL"),
+                ("retained msgs/s", None, "—"), ("huge", 100.0, "PASS"), ("tiny", 0.001, "FAIL")]
+        svg = bench.svg_chart(bars)
+        root = ET.fromstring(svg)
+        self.assertTrue(root.tag.endswith("svg"))
+        ns = "{http://www.w3.org/2000/svg}"
+        rects = root.findall(f"{ns}rect")
+        self.assertEqual(len(rects), 1 + 4)  # background + one per bar with a value
+        texts = [t.text for t in root.iter(f"{ns}text")]
+        self.assertIn("latency <p50> & more", texts)
+        self.assertIn("n/a", texts)
+        for r in rects:
+            self.assertGreaterEqual(float(r.get("width")), 1.0)
+
+    def test_empty_chart_is_valid(self):
+        ET.fromstring(bench.svg_chart([]))
+
+
+if __name__ == "__main__":
+    unittest.main()
