@@ -840,9 +840,7 @@ impl SessionOps<'_> {
         loop {
             if let Some(next) = self.session.peek_pending() {
                 let allowed = match &last {
-                    Some((m, allowed)) if Arc::ptr_eq(m, next) || m.topic == next.topic => {
-                        *allowed
-                    }
+                    Some((m, allowed)) if Arc::ptr_eq(m, next) || m.topic == next.topic => *allowed,
                     _ => {
                         let allowed = acl.allows_read(&principal_of(self.session), &next.topic);
                         last = Some((next.clone(), allowed));
