@@ -69,7 +69,9 @@ fn acl(dir: &Path, anonymous_read: bool) -> PathBuf {
 fn broker_config(acl_path: &Path) -> BrokerConfig {
     BrokerConfig {
         wss: false,
-        extra: format!("[auth]\nacl_file = {acl_path:?}\n"),
+        // The test subscriber (debug build, loaded machine) may lag a fast drain: a deep
+        // queue so the broker never drops what the agent delivered.
+        extra: format!("[auth]\nacl_file = {acl_path:?}\n[limits]\nmax_queued_messages = 1000000\nmax_queued_bytes = 268435456\n"),
         ..BrokerConfig::default()
     }
 }
