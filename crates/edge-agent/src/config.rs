@@ -172,6 +172,12 @@ pub struct IngestConfig {
     pub socket: PathBuf,
     /// Permissions of the socket, octal as a string ("0660").
     pub socket_mode: String,
+    /// Request lines of one connection read and not yet answered; reading pauses at this
+    /// many (see `bulwark_agent::ingest::IngestLimits::max_pending_lines`).
+    pub max_pending_lines: usize,
+    /// Bytes of request lines of one connection read and not yet answered; reading pauses
+    /// at this many.
+    pub max_pending_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -179,6 +185,8 @@ impl Default for IngestConfig {
         IngestConfig {
             socket: PathBuf::from("/run/bulwark-agent/ingest.sock"),
             socket_mode: "0660".into(),
+            max_pending_lines: crate::ingest::DEFAULT_MAX_PENDING_LINES,
+            max_pending_bytes: crate::ingest::DEFAULT_MAX_PENDING_BYTES,
         }
     }
 }
@@ -411,6 +419,12 @@ impl AgentConfig {
                     ),
                 ));
             }
+        }
+        if self.ingest.max_pending_lines == 0 {
+            return Err(self.invalid("ingest.max_pending_lines", "must be at least 1"));
+        }
+        if self.ingest.max_pending_bytes == 0 {
+            return Err(self.invalid("ingest.max_pending_bytes", "must be at least 1"));
         }
         if u32::from_str_radix(self.ingest.socket_mode.trim_start_matches("0o"), 8).is_err() {
             return Err(self.invalid("ingest.socket_mode", "must be an octal mode like \"0660\""));

@@ -23,31 +23,43 @@
 //! record is on disk (the sequence number of the record in the telemetry envelope), or
 //! `{"ok":false,"error":"..."}` saying what to fix. A rejected line does not end the
 //! connection, except a line longer than the limit: it is answered with an error and the
-//! connection is closed without reading the rest of it. Requests may be pipelined; each
-//! connection is processed sequentially.
+//! connection is closed without reading the rest of it (after the replies to the lines before
+//! it).
+//!
+//! Requests may be pipelined, and a producer that wants a high rate should: write lines
+//! without waiting for their replies, and read the replies as they come. The agent parses
+//! lines as they arrive and hands the records read while the previous batch was being stored
+//! to the queue together, as one batch that one flush makes durable (at most two batches of
+//! a connection wait for the queue at a time). A reply is still written only once its record
+//! is durable, and replies keep request order. A producer that waits for each reply before
+//! sending the next line gets one record per flush.
 //!
 //! Bounds ([`IngestLimits`]): line length, series length and depth, concurrent connections
-//! (a connection over the limit gets one error line and is closed) and lines read ahead per
-//! connection. Raw memory held by the server is at most about
-//! `max_connections × (max_pending_lines + 1) × max_line_bytes`, plus one parsed record per
-//! connection.
+//! (a connection over the limit gets one error line and is closed), and per connection the
+//! lines and bytes read and not yet answered (`max_pending_lines`, `max_pending_bytes`;
+//! reading pauses at either until replies go out). Raw memory held by the server is at most
+//! about `max_connections × (max_pending_bytes + max_line_bytes + 16 KiB)`, plus the parsed
+//! records of the pending lines (a JSON payload takes more memory parsed than as text).
 //!
 //! The client side ([`send`], [`send_stream`], [`request_from_args`]) is what
 //! `bulwark-agent send` uses.
 
+use std::collections::VecDeque;
 use std::fs;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use base64::Engine as _;
 use bulwark_protocol::envelope::{self, EnvelopeError};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -71,6 +83,15 @@ const CLIENT_MAX_REPLY_BYTES: usize = 64 * 1024;
 const CLIENT_IN_FLIGHT: usize = 64;
 /// Read buffer of a server connection.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Batches of one connection handed to the sink and not yet answered, at most: one being
+/// made durable and the next one waiting for its turn. Lines that arrive meanwhile form the
+/// batch after. (This keeps the queue's commit channel, `max_waiting` submissions, from
+/// filling up with many small batches of a few connections.)
+const BATCHES_IN_FLIGHT: usize = 2;
+/// Default of [`IngestLimits::max_pending_lines`].
+pub const DEFAULT_MAX_PENDING_LINES: usize = 1024;
+/// Default of [`IngestLimits::max_pending_bytes`]: 1 MiB.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 1024 * 1024;
 
 /// Bounds of the ingest server. `max_*` values below 1 are treated as 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +105,13 @@ pub struct IngestLimits {
     pub max_series_levels: usize,
     /// Connections served at once; one more gets an error line and is closed.
     pub max_connections: usize,
-    /// Request lines read ahead of the one being processed, per connection.
+    /// Request lines of one connection read and not yet answered (being parsed, waiting for
+    /// the queue, or being made durable); reading pauses at this many until replies go out.
     pub max_pending_lines: usize,
+    /// Bytes of the request lines of one connection read and not yet answered; reading
+    /// pauses once this many are pending (the line that crosses the mark is still taken, so
+    /// a line of `max_line_bytes` always gets through).
+    pub max_pending_bytes: usize,
     /// On shutdown, how long connections may take to answer the lines already read.
     pub shutdown_grace: Duration,
 }
@@ -97,7 +123,8 @@ impl Default for IngestLimits {
             max_series_bytes: 512,
             max_series_levels: 16,
             max_connections: 64,
-            max_pending_lines: 8,
+            max_pending_lines: DEFAULT_MAX_PENDING_LINES,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -429,8 +456,8 @@ impl Reply {
     }
 }
 
-/// Where accepted records go. The agent's implementation writes the record to its durable
-/// queue and resolves once it is flushed, with the record's sequence number; an `Err` is
+/// Where accepted records go. The agent's implementation writes records to its durable
+/// queue and answers once they are flushed, with each record's sequence number; an `Err` is
 /// sent to the producer as the error text (e.g. "queue full; retry later").
 ///
 /// Closures `Fn(IngestRecord) -> impl Future<Output = Result<u64, String>>` implement it.
@@ -438,6 +465,27 @@ impl Reply {
 /// as the future is `Send`.
 pub trait RecordSink: Send + Sync + 'static {
     fn accept(&self, record: IngestRecord) -> impl Future<Output = Result<u64, String>> + Send;
+
+    /// Consecutive records of one connection, in request order: resolves to one answer per
+    /// record, in the same order, once every accepted one is durable.
+    ///
+    /// The server calls this for a connection's next batch before the previous batch's
+    /// future has resolved, and polls the futures one at a time, oldest first. So the
+    /// default, which takes the records one by one through [`RecordSink::accept`] when
+    /// polled, keeps request order; an implementation that stores the records when it is
+    /// called (rather than when its future is polled) must store them in call order.
+    fn accept_batch(
+        &self,
+        records: Vec<IngestRecord>,
+    ) -> impl Future<Output = Vec<Result<u64, String>>> + Send {
+        async move {
+            let mut answers = Vec::with_capacity(records.len());
+            for record in records {
+                answers.push(self.accept(record).await);
+            }
+            answers
+        }
+    }
 }
 
 impl<F, Fut> RecordSink for F
@@ -693,13 +741,6 @@ fn log_join(res: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// What the reading half hands to the answering half.
-enum Pending {
-    Line(Vec<u8>),
-    /// Answer with this error, then close.
-    Fatal(IngestError),
-}
-
 async fn handle_connection<S: RecordSink>(
     stream: UnixStream,
     id: u64,
@@ -717,11 +758,7 @@ async fn handle_connection<S: RecordSink>(
     async move {
         tracing::debug!("producer connected");
         let (rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::channel(limits.max_pending_lines.max(1));
-        tokio::join!(
-            read_requests(rd, tx, limits.max_line_bytes, shutdown),
-            answer_requests(rx, wr, &*sink, &limits),
-        );
+        serve_connection(rd, wr, &*sink, &limits, shutdown).await;
         tracing::debug!("producer disconnected");
     }
     .instrument(span)
@@ -766,80 +803,226 @@ async fn read_line_limited<R: AsyncBufRead + Unpin>(
     }
 }
 
-async fn read_requests(
-    rd: OwnedReadHalf,
-    tx: mpsc::Sender<Pending>,
-    max_line: usize,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    loop {
-        let mut line = Vec::new();
-        let r = tokio::select! {
-            _ = shutdown_requested(&mut shutdown) => return,
-            _ = tx.closed() => return,
-            r = read_line_limited(&mut rd, &mut line, max_line) => r,
-        };
-        match r {
-            Ok(LineRead::Line) => {
-                if tx.send(Pending::Line(line)).await.is_err() {
-                    return;
-                }
+/// The sink's answers to the records of a batch, to come.
+type Answers<'a> = Pin<Box<dyn Future<Output = Vec<Result<u64, String>>> + Send + 'a>>;
+
+/// Consecutive request lines of one connection.
+#[derive(Default)]
+struct Batch<'a> {
+    /// One per line, in order: `None` for a record handed to the sink (its answer comes
+    /// from `answers`, in order), the reply for a line refused without the sink.
+    replies: Vec<Option<Reply>>,
+    /// The records, until the batch is handed to the sink.
+    records: Vec<IngestRecord>,
+    answers: Option<Answers<'a>>,
+    /// Bytes of the request lines.
+    bytes: usize,
+}
+
+/// What [`LineBuffer::next_line`] found.
+enum NextLine {
+    /// The next request line (without its newline): `buf[range]`.
+    Line(std::ops::Range<usize>),
+    /// No complete line yet: read more.
+    NeedMore,
+    /// The next line is longer than the limit.
+    TooLong,
+    /// End of input, every line taken.
+    End,
+}
+
+/// Bytes read from a producer, not yet taken as lines. Holds at most one line of up to the
+/// limit plus one read.
+#[derive(Default)]
+struct LineBuffer {
+    buf: Vec<u8>,
+    /// Where the next line starts.
+    start: usize,
+    /// `buf[start..scanned]` has no newline.
+    scanned: usize,
+    eof: bool,
+}
+
+impl LineBuffer {
+    fn next_line(&mut self, max: usize) -> NextLine {
+        if let Some(i) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let end = self.scanned + i;
+            let line = self.start..end;
+            self.start = end + 1;
+            self.scanned = self.start;
+            return if line.len() > max {
+                NextLine::TooLong
+            } else {
+                NextLine::Line(line)
+            };
+        }
+        self.scanned = self.buf.len();
+        let rest = self.start..self.buf.len();
+        if rest.len() > max {
+            NextLine::TooLong
+        } else if !self.eof {
+            NextLine::NeedMore
+        } else if rest.is_empty() {
+            NextLine::End
+        } else {
+            // The last line need not end with a newline.
+            self.start = self.buf.len();
+            self.scanned = self.start;
+            NextLine::Line(rest)
+        }
+    }
+
+    fn extend(&mut self, data: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+            if self.buf.is_empty() && self.buf.capacity() > 4 * READ_BUFFER_BYTES {
+                // After a long line, do not keep its buffer for the connection's lifetime.
+                self.buf = Vec::new();
             }
-            Ok(LineRead::Eof) => return,
-            Ok(LineRead::TooLong) => {
-                let _ = tx
-                    .send(Pending::Fatal(IngestError::LineTooLong { max: max_line }))
-                    .await;
-                return;
+        }
+        self.buf.extend_from_slice(data);
+    }
+}
+
+/// Resolves to the answers of the oldest batch handed to the sink (never, if there is none).
+fn oldest_answers<'f, 'a>(
+    in_flight: &'f mut VecDeque<Batch<'a>>,
+) -> impl Future<Output = Vec<Result<u64, String>>> + use<'f, 'a> {
+    std::future::poll_fn(move |cx| match in_flight.front_mut() {
+        None => Poll::Pending,
+        Some(batch) => match &mut batch.answers {
+            None => Poll::Ready(Vec::new()),
+            Some(answers) => answers.as_mut().poll(cx),
+        },
+    })
+}
+
+/// Appends the reply lines of `batch` to `out`, taking the sink's answers in order.
+fn write_replies(out: &mut Vec<u8>, batch: Batch<'_>, answers: Vec<Result<u64, String>>) {
+    use std::io::Write as _;
+    let mut answers = answers.into_iter();
+    for reply in batch.replies {
+        let reply = reply.unwrap_or_else(|| match answers.next() {
+            Some(Ok(seq)) => Reply::Accepted { seq },
+            Some(Err(error)) => {
+                tracing::debug!(%error, "record not accepted");
+                Reply::Rejected { error }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "reading from the producer failed");
-                return;
+            None => Reply::rejected("not stored"),
+        });
+        match reply {
+            // What `to_line` writes, without building a string for it.
+            Reply::Accepted { seq } => {
+                let _ = writeln!(out, "{{\"ok\":true,\"seq\":{seq}}}");
+            }
+            rejected => {
+                out.extend_from_slice(rejected.to_line().as_bytes());
+                out.push(b'\n');
             }
         }
     }
 }
 
-async fn answer_requests<S: RecordSink>(
-    mut rx: mpsc::Receiver<Pending>,
+/// Serves one producer. Lines are parsed as they arrive; the records read meanwhile go to
+/// the sink together as one batch, at most [`BATCHES_IN_FLIGHT`] batches at a time, and the
+/// replies of a batch are written, in request order, once the sink has answered it.
+/// Reading pauses while `max_pending_lines` lines or `max_pending_bytes` bytes are read and
+/// not yet answered.
+async fn serve_connection<S: RecordSink>(
+    mut rd: OwnedReadHalf,
     mut wr: OwnedWriteHalf,
     sink: &S,
     limits: &IngestLimits,
+    mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some(pending) = rx.recv().await {
-        let (reply, close) = match pending {
-            Pending::Line(line) => {
-                let parsed = parse_line(&line, limits);
-                drop(line);
-                let reply = match parsed {
-                    Ok(record) => match sink.accept(record).await {
-                        Ok(seq) => Reply::Accepted { seq },
-                        Err(error) => {
-                            tracing::debug!(%error, "record not accepted");
-                            Reply::Rejected { error }
+    let max_line = limits.max_line_bytes;
+    let max_lines = limits.max_pending_lines.max(1);
+    let max_bytes = limits.max_pending_bytes.max(1);
+    let mut input = LineBuffer::default();
+    let mut chunk = vec![0u8; READ_BUFFER_BYTES];
+    // False after the end of input, a read error, shutdown or an overlong line.
+    let mut reading = true;
+    let mut fatal = None;
+    let mut open = Batch::default();
+    let mut in_flight: VecDeque<Batch<'_>> = VecDeque::with_capacity(BATCHES_IN_FLIGHT);
+    // Lines (and their bytes) read and not yet answered.
+    let (mut lines, mut bytes) = (0usize, 0usize);
+    let mut out = Vec::new();
+    loop {
+        // Take the lines already read, as far as the bounds allow.
+        let mut need_input = false;
+        while reading && lines < max_lines && bytes < max_bytes {
+            match input.next_line(max_line) {
+                NextLine::Line(range) => {
+                    lines += 1;
+                    bytes += range.len();
+                    open.bytes += range.len();
+                    match parse_line(&input.buf[range], limits) {
+                        Ok(record) => {
+                            open.records.push(record);
+                            open.replies.push(None);
                         }
-                    },
-                    Err(e) => {
-                        tracing::debug!(error = %e, "request rejected");
-                        Reply::rejected(e)
+                        Err(e) => {
+                            tracing::debug!(error = %e, "request rejected");
+                            open.replies.push(Some(Reply::rejected(e)));
+                        }
                     }
-                };
-                (reply, false)
+                }
+                NextLine::NeedMore => {
+                    need_input = true;
+                    break;
+                }
+                NextLine::TooLong => {
+                    fatal = Some(IngestError::LineTooLong { max: max_line });
+                    reading = false;
+                }
+                NextLine::End => reading = false,
             }
-            Pending::Fatal(e) => {
-                tracing::debug!(error = %e, "request rejected; closing the connection");
-                (Reply::rejected(e), true)
-            }
-        };
-        let mut out = reply.to_line();
-        out.push('\n');
-        if let Err(e) = wr.write_all(out.as_bytes()).await {
-            tracing::debug!(error = %e, "producer went away before its reply");
-            return;
         }
-        if close {
+        // Hand them to the sink.
+        if !open.replies.is_empty() && in_flight.len() < BATCHES_IN_FLIGHT {
+            let mut batch = std::mem::take(&mut open);
+            let records = std::mem::take(&mut batch.records);
+            if !records.is_empty() {
+                batch.answers = Some(Box::pin(sink.accept_batch(records)));
+            }
+            in_flight.push_back(batch);
+        }
+        if in_flight.is_empty() && !reading {
             break;
+        }
+        tokio::select! {
+            biased;
+            answers = oldest_answers(&mut in_flight) => {
+                let Some(batch) = in_flight.pop_front() else { continue };
+                lines -= batch.replies.len();
+                bytes -= batch.bytes;
+                write_replies(&mut out, batch, answers);
+                if let Err(e) = wr.write_all(&out).await {
+                    tracing::debug!(error = %e, "producer went away before its reply");
+                    return;
+                }
+                out.clear();
+            }
+            r = rd.read(&mut chunk), if reading && need_input => match r {
+                Ok(0) => input.eof = true,
+                Ok(n) => input.extend(&chunk[..n]),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading from the producer failed");
+                    reading = false;
+                }
+            },
+            _ = shutdown_requested(&mut shutdown), if reading => reading = false,
+        }
+    }
+    if let Some(e) = fatal {
+        tracing::debug!(error = %e, "request rejected; closing the connection");
+        let mut line = Reply::rejected(e).to_line();
+        line.push('\n');
+        if wr.write_all(line.as_bytes()).await.is_err() {
+            return;
         }
     }
     let _ = wr.shutdown().await;

@@ -240,22 +240,31 @@ struct QueueSink {
     commit: GroupCommit,
 }
 
+impl QueueSink {
+    fn new_record(r: IngestRecord, now_ms: u64) -> NewRecord {
+        NewRecord {
+            series: r.series,
+            ts_ms: r.ts_ms.unwrap_or(now_ms),
+            payload: r.payload,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl ingest::RecordSink for QueueSink {
     fn accept(
         &self,
         r: IngestRecord,
     ) -> impl std::future::Future<Output = Result<u64, String>> + Send {
-        let ts_ms = r.ts_ms.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0)
-        });
-        let fut = self.commit.submit(vec![NewRecord {
-            series: r.series,
-            ts_ms,
-            payload: r.payload,
-        }]);
+        let fut = self
+            .commit
+            .submit(vec![QueueSink::new_record(r, unix_ms())]);
         async move {
             match fut.await {
                 Ok(seqs) => seqs
@@ -263,6 +272,31 @@ impl ingest::RecordSink for QueueSink {
                     .copied()
                     .ok_or_else(|| "not stored".to_string()),
                 Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+
+    /// One submission for the whole batch, queued at once (so batches are stored in call
+    /// order); one refused record does not refuse the others.
+    fn accept_batch(
+        &self,
+        records: Vec<IngestRecord>,
+    ) -> impl std::future::Future<Output = Vec<Result<u64, String>>> + Send {
+        let n = records.len();
+        let now_ms = unix_ms();
+        let fut = self.commit.submit_each(
+            records
+                .into_iter()
+                .map(|r| QueueSink::new_record(r, now_ms))
+                .collect(),
+        );
+        async move {
+            match fut.await {
+                Ok(each) => each
+                    .into_iter()
+                    .map(|r| r.map_err(|e| e.to_string()))
+                    .collect(),
+                Err(e) => vec![Err(e.to_string()); n],
             }
         }
     }
@@ -337,7 +371,11 @@ async fn run(config: AgentConfig) -> ExitCode {
     let wake = Arc::new(Notify::new());
     let commit = GroupCommit::start(queue.clone(), GroupCommitOptions::default(), wake.clone());
     let server = match IngestServer::bind(&config.ingest.socket, config.socket_mode()) {
-        Ok(s) => s,
+        Ok(s) => s.with_limits(ingest::IngestLimits {
+            max_pending_lines: config.ingest.max_pending_lines,
+            max_pending_bytes: config.ingest.max_pending_bytes,
+            ..ingest::IngestLimits::default()
+        }),
         Err(e) => {
             eprintln!(
                 "error: ingest socket {}: {e}",

@@ -5,10 +5,24 @@
 //! - [`UplinkQueue`]: the small trait the rest of the agent uses (ingest appends through
 //!   [`GroupCommit`], the uplink peeks and acks).
 //! - [`SledQueue`]: the sled implementation. Trees: `meta` (format version, sequence
-//!   high-water mark, drop counter) and `records` (big-endian `seq` → record, so sled
-//!   iterates in sequence order). Records use a small versioned binary encoding
-//!   ([`record`]), never serde.
+//!   high-water mark, drop counter), `records` (big-endian `seq` of a group's first record →
+//!   a group of records with consecutive `seq`s, so sled iterates in sequence order) and
+//!   `acked` (which records of a partly acknowledged group are acknowledged). Records use a
+//!   small versioned binary encoding ([`record`]), never serde.
 //! - [`GroupCommit`]: batches concurrent submissions into one append round and one flush.
+//!
+//! # Groups
+//! sled's costs are per key: a tree descent and a node copy per insert or delete, a page (and
+//! its page-table entry, kept in memory for the whole store) per 8 to 17 keys. So an append
+//! stores consecutive records as groups of up to 64 records and 1 KiB (a larger record is a
+//! group of its own; [`GroupCommit`] appends the records of a whole round together, so
+//! single-record producers share groups too). An acknowledged record is marked in memory and
+//! skipped; the group is deleted once all its records are acknowledged, and the marks of
+//! partly acknowledged groups are written to `acked` before every flush. A crash can lose
+//! marks made since the last flush, and those records are sent again: at least once, as
+//! before, since deletions were never flushed on their own either. Format version 2; a
+//! version 1 store (one record per key) opens as groups of one and is marked version 2, after
+//! which an agent that knows only version 1 refuses it (and leaves it alone).
 //! - [`MemoryQueue`]: the same contract in memory, for tests of the other modules.
 //!
 //! # Sequence numbers and order
@@ -38,6 +52,10 @@
 //! [`GroupCommit`] answers a producer only after the flush that covers its records; one flush
 //! serves every submission that arrived while the previous one ran.
 //!
+//! Appends do not use `sled::Batch`: in sled 0.34 every `apply_batch` writes the log buffer
+//! out at once (`pwrite` and `sync_file_range`), a thousand synced writes a second at
+//! 35 000 records/s. Plain inserts wait in the buffer for the flush of their round.
+//!
 //! Two durability levels ([`Durability`], config `queue.durability`):
 //! - `flush` (the default): sled's own flush. On Linux sled 0.34 writes its log buffer with
 //!   `pwrite` followed by `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)` (in
@@ -48,10 +66,13 @@
 //!   every write goes) is `fdatasync`ed on every flush, and every other file and directory of
 //!   the store is synced once when it appears (sled writes its blob files without ever
 //!   syncing them). Survives power loss on hardware that honours cache flushes. Measured with
-//!   100 000 records through [`GroupCommit`] (the `group_commit_rate` test, ext4 on a virtual
-//!   disk): 8 producers that each wait for "accepted" went from 7 500 to 5 500 records/s
-//!   (-27 %), 64 producers from 10 200 to 9 500 records/s (-7 %). Re-syncing every file on
-//!   every flush instead cost 90 %.
+//!   100 000 records through [`GroupCommit`] (the `group_commit_rate` test, release build,
+//!   ext4 on a virtual disk, 2 shared cores): 8 producers that each wait for "accepted" went
+//!   from 17 300 to 10 800 records/s (-38 %: 7 records per flush), 64 producers from 64 000
+//!   to 43 000 records/s (-33 %). Producers that pipeline their requests through the ingest
+//!   socket fill the flushes, and there `fsync` cost little: 8 connections were accepted at
+//!   160 000 to 260 000 records/s either way (`agent_rates` in the integration tests).
+//!   Re-syncing every file on every flush instead cost 90 %.
 //!
 //! `flush` is the default: the failure it covers (the agent crashing or being killed,
 //! guarantee S1) is the common one, it is the cheaper mode and writes flash less often, and
@@ -98,7 +119,7 @@ mod memory;
 pub mod record;
 mod sled_queue;
 
-pub use group_commit::{GroupCommit, GroupCommitOptions};
+pub use group_commit::{EachResult, GroupCommit, GroupCommitOptions};
 pub use memory::MemoryQueue;
 pub use record::RecordError;
 pub use sled_queue::{SledQueue, FORMAT_VERSION};
@@ -234,6 +255,64 @@ pub enum QueueError {
     Closed,
 }
 
+/// A copy for every submitter of a round that failed; an I/O error is copied by kind and
+/// text.
+impl Clone for QueueError {
+    fn clone(&self) -> Self {
+        match self {
+            QueueError::Locked { path, detail } => QueueError::Locked {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            QueueError::UnknownVersion { path, found } => QueueError::UnknownVersion {
+                path: path.clone(),
+                found: *found,
+            },
+            QueueError::Corrupt { path, detail } => QueueError::Corrupt {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            QueueError::Io { path, source } => QueueError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            QueueError::Sled(e) => QueueError::Sled(e.clone()),
+            QueueError::InvalidRecord { index, reason } => QueueError::InvalidRecord {
+                index: *index,
+                reason: reason.clone(),
+            },
+            QueueError::BatchTooLarge { bytes, max_bytes } => QueueError::BatchTooLarge {
+                bytes: *bytes,
+                max_bytes: *max_bytes,
+            },
+            QueueError::Full { bytes, max_bytes } => QueueError::Full {
+                bytes: *bytes,
+                max_bytes: *max_bytes,
+            },
+            QueueError::Busy { max_waiting } => QueueError::Busy {
+                max_waiting: *max_waiting,
+            },
+            QueueError::NotDurable { detail } => QueueError::NotDurable {
+                detail: detail.clone(),
+            },
+            QueueError::Closed => QueueError::Closed,
+        }
+    }
+}
+
+impl QueueError {
+    /// Whether the error refused a batch before anything of it was written (an invalid
+    /// record, the disk budget), so that the queue is as it was.
+    pub fn refuses_only_the_batch(&self) -> bool {
+        matches!(
+            self,
+            QueueError::InvalidRecord { .. }
+                | QueueError::BatchTooLarge { .. }
+                | QueueError::Full { .. }
+        )
+    }
+}
+
 /// The queue as the rest of the agent sees it. Writes are durable after
 /// [`UplinkQueue::flush`]; readers only ever see durable records.
 pub trait UplinkQueue: Send + Sync + std::fmt::Debug + 'static {
@@ -242,6 +321,26 @@ pub trait UplinkQueue: Send + Sync + std::fmt::Debug + 'static {
     /// I/O error or a crash part-way may leave a prefix of it stored, which is harmless:
     /// nobody was told it was accepted.
     fn append(&self, batch: Vec<NewRecord>) -> Result<Vec<u64>, QueueError>;
+    /// Appends the records of `batch` in order, each as if it were appended alone: a record
+    /// that is refused (invalid, larger than the budget, or the queue full under
+    /// [`WhenFull::RejectNew`]) gets its own error and does not refuse the others. The outer
+    /// error is one that stopped the append part-way (I/O), as for
+    /// [`UplinkQueue::append`]. The default appends one record at a time; [`SledQueue`]
+    /// writes the whole batch at once unless a record of it is refused.
+    fn append_each(
+        &self,
+        batch: Vec<NewRecord>,
+    ) -> Result<Vec<Result<u64, QueueError>>, QueueError> {
+        let mut out = Vec::with_capacity(batch.len());
+        for r in batch {
+            match self.append(vec![r]) {
+                Ok(seqs) => out.push(seqs.first().copied().ok_or(QueueError::Closed)),
+                Err(e) if e.refuses_only_the_batch() => out.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
     /// Makes every earlier append durable (see [`Durability`]).
     fn flush(&self) -> Result<(), QueueError>;
     /// Up to `limit` durable records with `seq > after` (all if `after` is `None`), in

@@ -108,14 +108,24 @@ pub fn envelope(
     historical_after: Duration,
     now_ms: u64,
 ) -> TelemetryEnvelope {
+    into_envelope(device, r.clone(), historical_after, now_ms)
+}
+
+/// [`envelope`], taking the record (its series and payload move into the envelope).
+fn into_envelope(
+    device: &str,
+    r: StoredRecord,
+    historical_after: Duration,
+    now_ms: u64,
+) -> TelemetryEnvelope {
     TelemetryEnvelope {
         v: 1,
         device: device.to_string(),
         seq: r.seq,
-        series: r.series.clone(),
+        series: r.series,
         ts: format_ts(r.ts_ms),
         historical: now_ms.saturating_sub(r.ts_ms) > historical_after.as_millis() as u64,
-        payload: r.payload.clone(),
+        payload: r.payload,
     }
 }
 
@@ -187,6 +197,7 @@ pub async fn run(
                     health: &mut health,
                     connected: false,
                     submitted: VecDeque::new(),
+                    submitted_records: 0,
                     inflight: HashMap::new(),
                     lanes: Lanes::default(),
                     limiter: CommandLimiter::new(cfg.commands.max_per_minute),
@@ -340,6 +351,8 @@ struct Session<'a> {
     connected: bool,
     /// Handed to rumqttc, not yet written (in order).
     submitted: VecDeque<Sent>,
+    /// The `Sent::Record` entries of `submitted`.
+    submitted_records: usize,
     /// Records written, awaiting their PUBACK, by packet id.
     inflight: HashMap<u16, u64>,
     lanes: Lanes,
@@ -354,31 +367,28 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn records_out(&self) -> usize {
-        self.inflight.len()
-            + self
-                .submitted
-                .iter()
-                .filter(|s| matches!(s, Sent::Record(_)))
-                .count()
+        self.inflight.len() + self.submitted_records
     }
 
-    fn publish_record(&mut self, r: &StoredRecord) -> Result<(), String> {
-        let historical = Duration::from_secs(self.cfg.uplink.historical_after_secs);
-        let env = envelope(&self.cfg.device_id, r, historical, now_ms());
+    fn publish_record(&mut self, r: StoredRecord) -> Result<(), String> {
+        let seq = r.seq;
         let topic = match record_topic(&self.cfg.device_id, &r.series) {
             Ok(t) => t,
             Err(e) => {
                 // Validated at ingest; a record that cannot be sent is dropped rather than
                 // blocking the queue forever.
-                tracing::error!(seq = r.seq, error = %e, "record has an unusable series; dropped");
-                let _ = self.queue.ack(r.seq);
+                tracing::error!(seq, error = %e, "record has an unusable series; dropped");
+                let _ = self.queue.ack(seq);
                 return Ok(());
             }
         };
+        let historical = Duration::from_secs(self.cfg.uplink.historical_after_secs);
+        let env = into_envelope(&self.cfg.device_id, r, historical, now_ms());
         self.client
             .try_publish(topic, QoS::AtLeastOnce, false, env.to_json_bytes())
             .map_err(|e| format!("submitting to the MQTT client: {e}"))?;
-        self.submitted.push_back(Sent::Record(r.seq));
+        self.submitted.push_back(Sent::Record(seq));
+        self.submitted_records += 1;
         Ok(())
     }
 
@@ -421,15 +431,23 @@ impl Session<'_> {
 
     fn try_fill(&mut self) -> Result<(), FillError> {
         let window = usize::from(self.cfg.uplink.max_inflight);
-        let mut room = window.saturating_sub(self.records_out());
+        let out = self.records_out();
+        let mut room = window.saturating_sub(out);
+        // With records out, wait until a quarter of the window is free: one read of the queue
+        // then serves many records (each read costs a tree descent in sled, and acks arrive
+        // one by one). Records out are acknowledged soon, so nothing waits long.
+        if out > 0 && room < (window / 4).max(1) {
+            return Ok(());
+        }
         if room > 0 {
             let batch = self
                 .queue
                 .peek(self.lanes.live_after, room)
                 .map_err(FillError::Queue)?;
             for r in batch {
-                self.publish_record(&r).map_err(FillError::Client)?;
-                self.lanes.live_after = Some(r.seq);
+                let seq = r.seq;
+                self.publish_record(r).map_err(FillError::Client)?;
+                self.lanes.live_after = Some(seq);
                 room -= 1;
             }
         }
@@ -444,12 +462,13 @@ impl Session<'_> {
                         .map_err(FillError::Queue)?;
                     let mut done = batch.len() < n;
                     for r in batch {
-                        if r.seq > boundary {
+                        let seq = r.seq;
+                        if seq > boundary {
                             done = true;
                             break;
                         }
-                        self.publish_record(&r).map_err(FillError::Client)?;
-                        self.lanes.backlog_after = Some(r.seq);
+                        self.publish_record(r).map_err(FillError::Client)?;
+                        self.lanes.backlog_after = Some(seq);
                         self.lanes.tokens -= 1.0;
                     }
                     if done || self.lanes.backlog_after == Some(boundary) {
@@ -531,6 +550,7 @@ impl Session<'_> {
         // Start again from the oldest record on disk: whatever was in flight on the previous
         // connection is resent.
         self.submitted.clear();
+        self.submitted_records = 0;
         self.inflight.clear();
         let u = &self.cfg.uplink;
         self.lanes = Lanes::at_connect(
@@ -583,6 +603,7 @@ impl Session<'_> {
     /// waits for its PUBACK.
     fn on_outgoing_publish(&mut self, pkid: u16) {
         if let Some(Sent::Record(seq)) = self.submitted.pop_front() {
+            self.submitted_records -= 1;
             crate::crash_point::hit(crate::crash_point::Phase::Published);
             self.inflight.insert(pkid, seq);
         }

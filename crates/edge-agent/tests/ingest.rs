@@ -592,3 +592,225 @@ async fn serving_opens_no_tcp_or_udp_listener() {
     assert!(own.is_empty(), "{own:?}");
     agent.stop().await;
 }
+
+/// A sink that stores each batch when it is handed over (as the agent's queue does) and
+/// answers only while its gate is open. Records of the series "full" are refused.
+struct Batching {
+    batches: Mutex<Vec<Vec<IngestRecord>>>,
+    next_seq: Mutex<u64>,
+    gate: watch::Receiver<bool>,
+}
+
+impl Batching {
+    fn records(&self) -> usize {
+        self.batches.lock().unwrap().iter().map(Vec::len).sum()
+    }
+}
+
+struct BatchSink(Arc<Batching>);
+
+impl RecordSink for BatchSink {
+    async fn accept(&self, _record: IngestRecord) -> Result<u64, String> {
+        Err("the server hands records over in batches".into())
+    }
+
+    fn accept_batch(
+        &self,
+        records: Vec<IngestRecord>,
+    ) -> impl std::future::Future<Output = Vec<Result<u64, String>>> + Send {
+        let answers: Vec<Result<u64, String>> = records
+            .iter()
+            .map(|r| {
+                if r.series == "full" {
+                    return Err("queue full; retry later".to_string());
+                }
+                let mut n = self.0.next_seq.lock().unwrap();
+                *n += 1;
+                Ok(*n)
+            })
+            .collect();
+        self.0.batches.lock().unwrap().push(records);
+        let mut gate = self.0.gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+            answers
+        }
+    }
+}
+
+struct BatchAgent {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    sink: Arc<Batching>,
+    gate: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<io::Result<()>>,
+}
+
+fn start_batching(limits: IngestLimits, open: bool) -> BatchAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ingest.sock");
+    let server = IngestServer::bind(&path, DEFAULT_SOCKET_MODE)
+        .unwrap()
+        .with_limits(limits);
+    let (gate, gate_rx) = watch::channel(open);
+    let sink = Arc::new(Batching {
+        batches: Mutex::default(),
+        next_seq: Mutex::new(0),
+        gate: gate_rx,
+    });
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(server.serve(BatchSink(sink.clone()), rx));
+    BatchAgent {
+        _dir: dir,
+        path,
+        sink,
+        gate,
+        stop,
+        task,
+    }
+}
+
+/// Waits until the sink has been handed `n` records.
+async fn sink_sees(sink: &Batching, n: usize) {
+    timeout(T, async {
+        while sink.records() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the sink saw {} records, not {n}", sink.records()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_lines_go_to_the_sink_in_batches_and_replies_keep_order() {
+    let agent = start_batching(IngestLimits::default(), true);
+    let mut c = Conn::open(&agent.path).await;
+    let mut text = String::new();
+    for n in 0..300u64 {
+        match n % 10 {
+            3 => text.push_str("{\"series\":\"a/#\",\"payload\":0}\n"),
+            7 => text.push_str("{\"series\":\"full\",\"payload\":0}\n"),
+            _ => text.push_str(&format!("{{\"series\":\"a\",\"payload\":{n}}}\n")),
+        }
+    }
+    c.wr.write_all(text.as_bytes()).await.unwrap();
+    let mut last = 0;
+    for n in 0..300u64 {
+        let reply = c.reply().await.unwrap();
+        match n % 10 {
+            3 => assert!(rejected(&reply).contains("'+' or '#'"), "{n}: {reply:?}"),
+            7 => assert_eq!(rejected(&reply), "queue full; retry later"),
+            _ => match reply {
+                Reply::Accepted { seq } => {
+                    assert!(seq > last, "{n}: seq {seq} after {last}");
+                    last = seq;
+                }
+                other => panic!("{n}: {other:?}"),
+            },
+        }
+    }
+    // The sink got the valid records in request order, several at a time.
+    let batches = agent.sink.batches.lock().unwrap().clone();
+    let payloads: Vec<IngestPayload> = batches
+        .iter()
+        .flatten()
+        .filter(|r| r.series == "a")
+        .map(|r| r.payload.clone())
+        .collect();
+    let want: Vec<IngestPayload> = (0..300u64)
+        .filter(|n| n % 10 != 3 && n % 10 != 7)
+        .map(|n| IngestPayload::Json(json!(n)))
+        .collect();
+    assert_eq!(payloads, want);
+    assert!(
+        batches.len() < 270,
+        "{} batches for 270 records: not batched",
+        batches.len()
+    );
+    agent.stop.send(true).unwrap();
+    timeout(T, agent.task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_pauses_at_max_pending_lines_until_replies_go_out() {
+    let agent = start_batching(
+        IngestLimits {
+            max_pending_lines: 10,
+            ..IngestLimits::default()
+        },
+        false,
+    );
+    let mut c = Conn::open(&agent.path).await;
+    let text: String = (0..100)
+        .map(|n| format!("{{\"series\":\"a\",\"payload\":{n}}}\n"))
+        .collect();
+    c.wr.write_all(text.as_bytes()).await.unwrap();
+    // While nothing is answered, the server takes 10 lines and no more.
+    sink_sees(&agent.sink, 10).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(agent.sink.records(), 10);
+    assert!(
+        timeout(Duration::from_millis(100), c.lines.next_line())
+            .await
+            .is_err(),
+        "answered before the sink did"
+    );
+    // Answers let it go on.
+    agent.gate.send(true).unwrap();
+    for seq in 1..=100 {
+        assert_eq!(c.reply().await.unwrap(), Reply::Accepted { seq });
+    }
+    assert_eq!(agent.sink.records(), 100);
+    agent.stop.send(true).unwrap();
+    timeout(T, agent.task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_pauses_at_max_pending_bytes() {
+    let line = "{\"series\":\"a\",\"payload\":1234567}";
+    let agent = start_batching(
+        IngestLimits {
+            max_pending_bytes: 100,
+            ..IngestLimits::default()
+        },
+        false,
+    );
+    let mut c = Conn::open(&agent.path).await;
+    let text: String = (0..50).map(|_| format!("{line}\n")).collect();
+    c.wr.write_all(text.as_bytes()).await.unwrap();
+    // Lines are taken while fewer than 100 bytes are pending: the one that crosses the mark
+    // is the last.
+    let most = 100 / line.len() + 1;
+    sink_sees(&agent.sink, most).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(agent.sink.records(), most);
+    agent.gate.send(true).unwrap();
+    for seq in 1..=50 {
+        assert_eq!(c.reply().await.unwrap(), Reply::Accepted { seq });
+    }
+    // A line longer than max_pending_bytes still gets through on its own.
+    let long = format!("{{\"series\":\"a\",\"payload\":\"{}\"}}", "x".repeat(500));
+    assert!(c.ask(&long).await.is_accepted());
+    agent.stop.send(true).unwrap();
+    timeout(T, agent.task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_the_lines_already_taken() {
+    let agent = start_batching(IngestLimits::default(), false);
+    let mut c = Conn::open(&agent.path).await;
+    let text: String = (0..20)
+        .map(|n| format!("{{\"series\":\"a\",\"payload\":{n}}}\n"))
+        .collect();
+    c.wr.write_all(text.as_bytes()).await.unwrap();
+    sink_sees(&agent.sink, 20).await;
+    agent.stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    agent.gate.send(true).unwrap();
+    for seq in 1..=20 {
+        assert_eq!(c.reply().await.unwrap(), Reply::Accepted { seq });
+    }
+    assert!(c.reply().await.is_none(), "then closed");
+    timeout(T, agent.task).await.unwrap().unwrap().unwrap();
+}

@@ -31,9 +31,28 @@ impl Default for GroupCommitOptions {
     }
 }
 
+/// What [`GroupCommit::submit_each`] resolves to: an error for the whole submission, or
+/// one result per record.
+pub type EachResult = Result<Vec<Result<u64, QueueError>>, QueueError>;
+
 struct Submission {
     records: Vec<NewRecord>,
-    reply: oneshot::Sender<Result<Vec<u64>, QueueError>>,
+    reply: ReplyTo,
+}
+
+enum ReplyTo {
+    /// [`GroupCommit::submit`]: the records are one unit.
+    Whole(oneshot::Sender<Result<Vec<u64>, QueueError>>),
+    /// [`GroupCommit::submit_each`]: each record on its own.
+    Each(oneshot::Sender<EachResult>),
+}
+
+enum Answer {
+    Whole(
+        oneshot::Sender<Result<Vec<u64>, QueueError>>,
+        Result<Vec<u64>, QueueError>,
+    ),
+    Each(oneshot::Sender<EachResult>, EachResult),
 }
 
 /// Handle to the commit task. Cheap to clone; the task stops when the last handle is
@@ -71,19 +90,54 @@ impl GroupCommit {
             Ok(None)
         } else {
             let (reply, rx) = oneshot::channel();
-            match self.tx.try_send(Submission { records, reply }) {
-                Ok(()) => Ok(Some(rx)),
-                Err(mpsc::error::TrySendError::Full(_)) => Err(QueueError::Busy {
-                    max_waiting: self.max_waiting,
-                }),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(QueueError::Closed),
-            }
+            self.send(Submission {
+                records,
+                reply: ReplyTo::Whole(reply),
+            })
+            .map(|()| Some(rx))
         };
         async move {
             match pending? {
                 None => Ok(Vec::new()),
                 Some(rx) => rx.await.unwrap_or(Err(QueueError::Closed)),
             }
+        }
+    }
+
+    /// Like [`GroupCommit::submit`], but each record is appended as if it were submitted
+    /// alone (see [`UplinkQueue::append_each`]): one refused record does not refuse the
+    /// others. Resolves once the accepted records are durable, to one result per record, or
+    /// to an error for all of them (busy, a failed flush, an I/O error). The submission is
+    /// queued when this is called, so calls are appended in call order.
+    pub fn submit_each(
+        &self,
+        records: Vec<NewRecord>,
+    ) -> impl Future<Output = EachResult> + Send + 'static {
+        let pending = if records.is_empty() {
+            Ok(None)
+        } else {
+            let (reply, rx) = oneshot::channel();
+            self.send(Submission {
+                records,
+                reply: ReplyTo::Each(reply),
+            })
+            .map(|()| Some(rx))
+        };
+        async move {
+            match pending? {
+                None => Ok(Vec::new()),
+                Some(rx) => rx.await.unwrap_or(Err(QueueError::Closed)),
+            }
+        }
+    }
+
+    fn send(&self, s: Submission) -> Result<(), QueueError> {
+        match self.tx.try_send(s) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(QueueError::Busy {
+                max_waiting: self.max_waiting,
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(QueueError::Closed),
         }
     }
 }
@@ -118,14 +172,31 @@ async fn run(
 
 /// Appends every submission of the round, flushes once, answers. Returns whether records
 /// were made durable.
+///
+/// Consecutive submissions that take their records one by one (every
+/// [`GroupCommit::submit_each`], and every [`GroupCommit::submit`] of a single record, for
+/// which the two are the same) are appended together in one
+/// [`UplinkQueue::append_each`]: the queue then stores the records of many producers in
+/// shared groups. A [`GroupCommit::submit`] of several records is appended on its own.
 fn commit(queue: &dyn UplinkQueue, round: Vec<Submission>) -> bool {
     let mut answers = Vec::with_capacity(round.len());
     let mut appended = false;
+    let mut run = Run::default();
     for s in round {
-        let result = queue.append(s.records);
-        appended |= result.is_ok();
-        answers.push((s.reply, result));
+        match s.reply {
+            ReplyTo::Whole(reply) if s.records.len() != 1 => {
+                appended |= run.append(queue, &mut answers);
+                let result = queue.append(s.records);
+                appended |= result.is_ok();
+                answers.push(Answer::Whole(reply, result));
+            }
+            reply => {
+                run.counts.push((reply, s.records.len()));
+                run.records.extend(s.records);
+            }
+        }
     }
+    appended |= run.append(queue, &mut answers);
     if appended {
         crate::crash_point::hit(crate::crash_point::Phase::Received);
     }
@@ -136,16 +207,68 @@ fn commit(queue: &dyn UplinkQueue, round: Vec<Submission>) -> bool {
     if let Err(e) = &flushed {
         tracing::error!(error = %e, "flushing the queue failed; producers are told their records were not accepted");
     }
-    for (reply, result) in answers {
-        let answer = match (&flushed, result) {
-            (Err(e), Ok(_)) => Err(QueueError::NotDurable {
-                detail: e.to_string(),
-            }),
-            (_, result) => result,
-        };
-        let _ = reply.send(answer);
+    let not_durable = |e: &QueueError| QueueError::NotDurable {
+        detail: e.to_string(),
+    };
+    for answer in answers {
+        match answer {
+            Answer::Whole(reply, result) => {
+                let answer = match (&flushed, result) {
+                    (Err(e), Ok(_)) => Err(not_durable(e)),
+                    (_, result) => result,
+                };
+                let _ = reply.send(answer);
+            }
+            Answer::Each(reply, result) => {
+                let answer = match (&flushed, result) {
+                    (Err(e), Ok(each)) => Ok(each
+                        .into_iter()
+                        .map(|r| r.and_then(|_| Err(not_durable(e))))
+                        .collect()),
+                    (_, result) => result,
+                };
+                let _ = reply.send(answer);
+            }
+        }
     }
     appended && flushed.is_ok()
+}
+
+/// Submissions appended together, in order, with their record counts.
+#[derive(Default)]
+struct Run {
+    counts: Vec<(ReplyTo, usize)>,
+    records: Vec<NewRecord>,
+}
+
+impl Run {
+    /// Appends the run (if any), queues the answers of its submissions; whether records were
+    /// appended.
+    fn append(&mut self, queue: &dyn UplinkQueue, answers: &mut Vec<Answer>) -> bool {
+        if self.counts.is_empty() {
+            return false;
+        }
+        let result = queue.append_each(std::mem::take(&mut self.records));
+        let appended = result.as_ref().is_ok_and(|r| r.iter().any(Result::is_ok));
+        let mut each = match result {
+            Ok(each) => Ok(each.into_iter()),
+            Err(e) => Err(e),
+        };
+        for (reply, n) in self.counts.drain(..) {
+            let mine: Result<Vec<Result<u64, QueueError>>, QueueError> = match &mut each {
+                Ok(each) => Ok(each.by_ref().take(n).collect()),
+                Err(e) => Err(e.clone()),
+            };
+            answers.push(match reply {
+                ReplyTo::Each(reply) => Answer::Each(reply, mine),
+                ReplyTo::Whole(reply) => Answer::Whole(
+                    reply,
+                    mine.and_then(|one| one.into_iter().collect::<Result<Vec<u64>, _>>()),
+                ),
+            });
+        }
+        appended
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,18 @@
 //! The decoder checks every length against the bytes that are left before it copies
 //! anything, so it never allocates more than its input, and it accepts exactly what the
 //! encoder can produce (a record the encoder would refuse is corrupt, not a record).
+//!
+//! The queue stores records in groups, one group per key (store format 2):
+//!
+//! ```text
+//! u8   group version (2)
+//! u32  count, at least 1
+//! count times: u32 length, then a record as above
+//! ```
+//!
+//! The records of a group have consecutive sequence numbers, the first one equal to the
+//! group's key. A value that starts with the record version instead is a single record
+//! (how format 1 stored every record) and reads as a group of one.
 
 use bulwark_protocol::envelope::{validate_series, Payload, MAX_TS_MILLIS};
 
@@ -20,6 +32,8 @@ use super::{StoredRecord, RESERVED_SERIES};
 
 /// Version byte of the record encoding.
 pub const RECORD_VERSION: u8 = 1;
+/// Version byte of a group of records.
+pub const GROUP_VERSION: u8 = 2;
 
 /// Deepest JSON nesting a payload may have. serde_json refuses to parse nesting of 128 or
 /// more, so a deeper payload could be stored but never read back; it is refused on append.
@@ -53,6 +67,10 @@ pub enum RecordError {
     TooLong(&'static str),
     #[error("{0} trailing bytes after the record")]
     Trailing(usize),
+    #[error("group holds no record")]
+    EmptyGroup,
+    #[error("record {found} where record {expected} belongs")]
+    GroupSequence { expected: u64, found: u64 },
 }
 
 /// Checks a stored series: a valid envelope series
@@ -100,26 +118,85 @@ pub fn check(series: &str, ts_ms: u64, payload: &Payload) -> Result<(), RecordEr
 /// Encodes `r`, refusing what [`decode`] would refuse.
 pub fn encode(r: &StoredRecord) -> Result<Vec<u8>, RecordError> {
     check(&r.series, r.ts_ms, &r.payload)?;
-    let json;
-    let (kind, body): (u8, &[u8]) = match &r.payload {
-        Payload::Json(value) => {
-            json = serde_json::to_vec(value).map_err(|e| RecordError::Json(e.to_string()))?;
-            (KIND_JSON, &json)
-        }
-        Payload::Bytes(bytes) => (KIND_BYTES, bytes),
-    };
-    let body_len = u32::try_from(body.len()).map_err(|_| RecordError::TooLong("payload"))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + 4 + r.series.len() + 1 + 4 + body.len());
+    encode_checked(r)
+}
+
+/// [`encode`] for a record whose series, timestamp and payload [`check`] has accepted.
+pub(crate) fn encode_checked(r: &StoredRecord) -> Result<Vec<u8>, RecordError> {
+    let prefix = HEADER_LEN + 4 + r.series.len() + 1 + 4;
+    let mut out = Vec::with_capacity(
+        prefix
+            + match &r.payload {
+                // A guess; the JSON text is written straight into `out`.
+                Payload::Json(_) => 32,
+                Payload::Bytes(bytes) => bytes.len(),
+            },
+    );
     out.push(RECORD_VERSION);
     out.extend_from_slice(&r.seq.to_be_bytes());
     out.extend_from_slice(&r.ts_ms.to_be_bytes());
     out.extend_from_slice(&r.enqueued_ms.to_be_bytes());
     out.extend_from_slice(&(r.series.len() as u32).to_be_bytes());
     out.extend_from_slice(r.series.as_bytes());
-    out.push(kind);
-    out.extend_from_slice(&body_len.to_be_bytes());
-    out.extend_from_slice(body);
+    match &r.payload {
+        Payload::Json(value) => {
+            out.push(KIND_JSON);
+            out.extend_from_slice(&[0; 4]);
+            serde_json::to_writer(&mut out, value).map_err(|e| RecordError::Json(e.to_string()))?;
+        }
+        Payload::Bytes(bytes) => {
+            out.push(KIND_BYTES);
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(bytes);
+        }
+    }
+    let body_len =
+        u32::try_from(out.len() - prefix).map_err(|_| RecordError::TooLong("payload"))?;
+    out[prefix - 4..prefix].copy_from_slice(&body_len.to_be_bytes());
     Ok(out)
+}
+
+/// Encodes already encoded records as one group (see the module documentation).
+pub fn encode_group(records: &[Vec<u8>]) -> Vec<u8> {
+    let len = 5 + records.iter().map(|r| 4 + r.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(len);
+    out.push(GROUP_VERSION);
+    out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    for r in records {
+        out.extend_from_slice(&(r.len() as u32).to_be_bytes());
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// The encoded records of a stored value: a group, or a single record (format 1). Checks
+/// the group's framing only; each record is checked when it is decoded.
+pub fn group_records(value: &[u8]) -> Result<Vec<&[u8]>, RecordError> {
+    match value.first() {
+        None => Err(RecordError::Truncated),
+        Some(&RECORD_VERSION) => Ok(vec![value]),
+        Some(&GROUP_VERSION) => {
+            let mut r = Reader { buf: &value[1..] };
+            let count = r.u32()? as usize;
+            if count == 0 {
+                return Err(RecordError::EmptyGroup);
+            }
+            // Each record takes at least its 4-byte length: a count beyond that is a lie,
+            // refused before anything is allocated for it.
+            if count > r.buf.len() / 4 {
+                return Err(RecordError::Truncated);
+            }
+            let mut out = Vec::with_capacity(count);
+            for _ in 0..count {
+                out.push(r.sized()?);
+            }
+            if !r.buf.is_empty() {
+                return Err(RecordError::Trailing(r.buf.len()));
+            }
+            Ok(out)
+        }
+        Some(&other) => Err(RecordError::Version(other)),
+    }
 }
 
 /// Decodes a whole record; see the module documentation for what is checked.
@@ -345,6 +422,41 @@ mod tests {
         assert_eq!(json_depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
         assert_eq!(json_depth(&json!([[], {}])), 2);
         assert_eq!(json_depth(&json!("x")), 0);
+    }
+
+    #[test]
+    fn groups_frame_their_records() {
+        let a = encode(&rec(Payload::Bytes(vec![1]))).unwrap();
+        let b = encode(&StoredRecord {
+            seq: 43,
+            ..rec(Payload::Json(json!({"x": 1})))
+        })
+        .unwrap();
+        let group = encode_group(&[a.clone(), b.clone()]);
+        assert_eq!(group[0], GROUP_VERSION);
+        assert_eq!(group.len(), 5 + 4 + a.len() + 4 + b.len());
+        assert_eq!(
+            group_records(&group).unwrap(),
+            vec![a.as_slice(), b.as_slice()]
+        );
+        // A bare record (format 1) is a group of one.
+        assert_eq!(group_records(&a).unwrap(), vec![a.as_slice()]);
+        // Framing errors.
+        assert_eq!(group_records(&[]), Err(RecordError::Truncated));
+        assert_eq!(group_records(&[7, 0]), Err(RecordError::Version(7)));
+        assert_eq!(
+            group_records(&[GROUP_VERSION, 0, 0, 0, 0]),
+            Err(RecordError::EmptyGroup)
+        );
+        let mut lie = group.clone();
+        lie[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(group_records(&lie), Err(RecordError::Truncated));
+        let mut long = group.clone();
+        long.push(0);
+        assert_eq!(group_records(&long), Err(RecordError::Trailing(1)));
+        for cut in 0..group.len() {
+            assert!(group_records(&group[..cut]).is_err(), "{cut}");
+        }
     }
 
     proptest! {

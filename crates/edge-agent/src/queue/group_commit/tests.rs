@@ -42,6 +42,8 @@ fn open(path: &Path, durability: Durability) -> (SledQueue, OpenReport) {
 struct Probe<Q> {
     inner: Q,
     flushes_at_append: Mutex<HashMap<u64, u64>>,
+    /// Records per `append_each` call.
+    append_each_calls: Mutex<Vec<usize>>,
     /// When set, the next `flush` says so on `entered` and waits for a message on `release`.
     gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
     fail_flush: std::sync::atomic::AtomicBool,
@@ -52,6 +54,7 @@ impl<Q: UplinkQueue> Probe<Q> {
         Probe {
             inner,
             flushes_at_append: Mutex::new(HashMap::new()),
+            append_each_calls: Mutex::default(),
             gate: Mutex::new(None),
             fail_flush: Default::default(),
         }
@@ -67,6 +70,22 @@ impl<Q: UplinkQueue> UplinkQueue for Probe<Q> {
             map.insert(*s, before);
         }
         Ok(seqs)
+    }
+    fn append_each(
+        &self,
+        batch: Vec<NewRecord>,
+    ) -> Result<Vec<Result<u64, QueueError>>, QueueError> {
+        self.append_each_calls.lock().unwrap().push(batch.len());
+        // The trait's default: one record at a time through `append` (recorded above).
+        let mut out = Vec::new();
+        for r in batch {
+            match self.append(vec![r]) {
+                Ok(seqs) => out.push(Ok(seqs[0])),
+                Err(e) if e.refuses_only_the_batch() => out.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
     fn flush(&self) -> Result<(), QueueError> {
         let gate = self.gate.lock().unwrap().take();
@@ -255,6 +274,113 @@ async fn errors_reach_the_right_submitters() {
     let err = gc.submit(vec![rec("a", 1)]).await.unwrap_err();
     assert!(matches!(err, QueueError::NotDurable { .. }), "{err}");
     assert!(err.to_string().contains("disk on fire"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_each_answers_each_record_in_call_order() {
+    let probe = Arc::new(Probe::new(MemoryQueue::default()));
+    let gc = GroupCommit::start(
+        probe.clone(),
+        GroupCommitOptions::default(),
+        Arc::new(Notify::new()),
+    );
+    // Queued when called: the second call is stored after the first even though nothing
+    // has been awaited yet.
+    let first = gc.submit_each(vec![
+        rec("a", 0),
+        NewRecord {
+            series: "a/+".into(),
+            ..rec("a", 1)
+        },
+        rec("a", 2),
+    ]);
+    let second = gc.submit_each(vec![rec("a", 3)]);
+    let (first, second) = tokio::join!(first, second);
+    let first = first.unwrap();
+    assert_eq!(first[0].as_ref().unwrap(), &1);
+    assert!(
+        matches!(first[1], Err(QueueError::InvalidRecord { index: 0, .. })),
+        "{:?}",
+        first[1]
+    );
+    assert_eq!(first[2].as_ref().unwrap(), &2);
+    assert_eq!(
+        second
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+    // Answered only after a flush covered them.
+    let at_append = probe.flushes_at_append.lock().unwrap()[&3];
+    assert!(probe.flushes() > at_append);
+    assert!(gc.submit_each(Vec::new()).await.unwrap().is_empty());
+    // A failed flush: every record stored in the round is "not durable", a refused one keeps
+    // its own error.
+    probe
+        .fail_flush
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = gc
+        .submit_each(vec![
+            rec("a", 4),
+            NewRecord {
+                series: "".into(),
+                ..rec("a", 5)
+            },
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(got[0], Err(QueueError::NotDurable { .. })),
+        "{:?}",
+        got[0]
+    );
+    assert!(
+        matches!(got[1], Err(QueueError::InvalidRecord { .. })),
+        "{:?}",
+        got[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_appends_single_records_and_batches_together() {
+    let probe = Arc::new(Probe::new(MemoryQueue::default()));
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    *probe.gate.lock().unwrap() = Some((entered_tx, release_rx));
+    let gc = GroupCommit::start(
+        probe.clone(),
+        GroupCommitOptions::default(),
+        Arc::new(Notify::new()),
+    );
+    // The first round is held in its flush while the next one gathers.
+    let first = tokio::spawn(gc.submit(vec![rec("a", 0)]));
+    tokio::task::spawn_blocking(move || entered_rx.recv().unwrap())
+        .await
+        .unwrap();
+    let single = tokio::spawn(gc.submit(vec![rec("a", 1)]));
+    let each = tokio::spawn(gc.submit_each(vec![rec("a", 2), rec("a", 3)]));
+    let whole = tokio::spawn(gc.submit(vec![rec("a", 4), rec("a", 5)]));
+    let after = tokio::spawn(gc.submit(vec![rec("a", 6)]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    release_tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), vec![1]);
+    assert_eq!(single.await.unwrap().unwrap(), vec![2]);
+    let each: Vec<u64> = each
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(each, vec![3, 4]);
+    assert_eq!(whole.await.unwrap().unwrap(), vec![5, 6]);
+    assert_eq!(after.await.unwrap().unwrap(), vec![7]);
+    // Round one: the first record. Round two: the single record and the batch together,
+    // then the multi-record `submit` on its own, then the last single record.
+    assert_eq!(*probe.append_each_calls.lock().unwrap(), vec![1, 3, 1]);
+    assert_eq!(probe.flushes(), 2);
 }
 
 /// Records/s through group commit with 8 producers that each wait for "accepted" before

@@ -345,6 +345,275 @@ fn invalid_records_refuse_the_whole_batch() {
     assert_eq!(q.append(vec![rec("s", 0)]).unwrap(), vec![1]);
 }
 
+/// `append_each`, on the sled queue and on the trait's default (the memory queue): each
+/// record as if appended alone, in order.
+#[test]
+fn append_each_refuses_only_the_refused_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sled, _) = open(&dir.path().join("queue"));
+    let memory = crate::queue::MemoryQueue::default();
+    for q in [&sled as &dyn UplinkQueue, &memory] {
+        // All valid: one append, consecutive numbers.
+        let got = q
+            .append_each((0..5).map(|i| rec("s", i)).collect())
+            .unwrap();
+        assert_eq!(
+            got.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        // An invalid record in the middle: the others are stored, in order.
+        let got = q
+            .append_each(vec![
+                rec("s", 5),
+                NewRecord {
+                    series: "a/#".into(),
+                    ..rec("s", 6)
+                },
+                rec("s", 7),
+            ])
+            .unwrap();
+        assert_eq!(got[0].as_ref().unwrap(), &6);
+        assert!(
+            matches!(got[1], Err(QueueError::InvalidRecord { index: 0, .. })),
+            "{:?}",
+            got[1]
+        );
+        assert_eq!(got[2].as_ref().unwrap(), &7);
+        q.flush().unwrap();
+        let stored: Vec<_> = q.peek(None, 100).unwrap();
+        assert_eq!(
+            stored
+                .iter()
+                .map(|r| (r.seq, value_of(r)))
+                .collect::<Vec<_>>(),
+            vec![(1, 0), (2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 7)]
+        );
+        assert!(q.append_each(Vec::new()).unwrap().is_empty());
+    }
+
+    // Reject-new: the records that fit are stored, the rest are refused.
+    let size = fixed_size();
+    let (q, _) = open_with(
+        &dir.path().join("queue-full"),
+        QueueOptions {
+            max_bytes: size * 3,
+            when_full: WhenFull::RejectNew,
+            ..opts()
+        },
+    );
+    q.append(vec![fixed(0)]).unwrap();
+    let got = q.append_each((1..5).map(fixed).collect()).unwrap();
+    assert_eq!(got[0].as_ref().unwrap(), &2);
+    assert_eq!(got[1].as_ref().unwrap(), &3);
+    assert!(matches!(got[2], Err(QueueError::Full { .. })));
+    assert!(matches!(got[3], Err(QueueError::Full { .. })));
+    assert_eq!(q.len(), 3);
+}
+
+/// Groups in the records tree.
+fn groups(q: &SledQueue) -> usize {
+    q.records.len()
+}
+
+#[test]
+fn records_share_groups_and_partial_acks_survive_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue");
+    let first_group_len;
+    {
+        let (q, _) = open(&path);
+        q.append((0..200).map(fixed).collect()).unwrap();
+        q.flush().unwrap();
+        let n = groups(&q);
+        assert!((2..20).contains(&n), "{n} groups for 200 records");
+        first_group_len = {
+            let v = q.records.first().unwrap().unwrap().1;
+            record::group_records(&v).unwrap().len() as u64
+        };
+        assert!(first_group_len > 3);
+        let full = q.bytes();
+        // Acknowledge records here and there, the first one among them.
+        let acked: Vec<u64> = vec![1, 2, 50, 51, 52, 120, 200];
+        for &s in &acked {
+            assert!(q.ack(s).unwrap(), "{s}");
+            assert!(!q.ack(s).unwrap(), "{s} twice");
+        }
+        assert!(!q.ack(201).unwrap(), "beyond the last group");
+        assert_eq!(q.len(), 200 - acked.len() as u64);
+        assert_eq!(q.bytes(), full - acked.len() as u64 * fixed_size());
+        let want: Vec<u64> = (1..=200).filter(|s| !acked.contains(s)).collect();
+        assert_eq!(seqs(&q), want);
+        // A page that starts inside a group, after acknowledged records.
+        let page: Vec<u64> = q.peek(Some(49), 3).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(page, vec![53, 54, 55]);
+        assert_eq!(q.oldest().unwrap().map(|o| o.0), Some(3));
+        // Acknowledging the rest of the first group deletes it.
+        for s in 3..=first_group_len {
+            assert!(q.ack(s).unwrap());
+        }
+        assert_eq!(groups(&q), n - 1);
+        assert_eq!(q.oldest().unwrap().map(|o| o.0), Some(first_group_len + 1));
+        q.flush().unwrap();
+    }
+    let (q, report) = open(&path);
+    let acked: Vec<u64> = (1..=first_group_len)
+        .chain([50, 51, 52, 120, 200])
+        .collect();
+    let want: Vec<u64> = (1..=200).filter(|s| !acked.contains(s)).collect();
+    assert_eq!(seqs(&q), want);
+    assert_eq!(report.records, want.len() as u64);
+    assert_eq!(report.bytes, want.len() as u64 * fixed_size());
+    assert_eq!(report.next_seq, 201);
+    // The acknowledgements still count after the restart.
+    assert!(!q.ack(51).unwrap());
+    assert!(q.ack(53).unwrap());
+}
+
+#[test]
+fn unflushed_acks_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue");
+    {
+        let (q, _) = open(&path);
+        q.append((0..100).map(|i| rec("s", i)).collect()).unwrap();
+        q.flush().unwrap();
+        for s in [1, 2, 3, 60] {
+            assert!(q.ack(s).unwrap());
+        }
+        // No flush: the acknowledgements may or may not be on disk.
+    }
+    let (q, report) = open(&path);
+    let got = seqs(&q);
+    for s in (4..=59).chain(61..=100) {
+        assert!(got.contains(&s), "{s} lost");
+    }
+    assert_eq!(report.records, got.len() as u64);
+}
+
+#[test]
+fn a_format_1_store_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue");
+    {
+        // What format 1 wrote: one record per key.
+        std::fs::create_dir_all(&path).unwrap();
+        let db = sled::Config::new().path(&path).open().unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        let records = db.open_tree("records").unwrap();
+        meta.insert(META_FORMAT, &1u32.to_be_bytes()).unwrap();
+        meta.insert(META_NEXT_SEQ, &4u64.to_be_bytes()).unwrap();
+        for seq in 1..=3u64 {
+            let r = StoredRecord {
+                seq,
+                series: "old".into(),
+                ts_ms: 1_795_773_600_000,
+                enqueued_ms: 1_795_773_600_000,
+                payload: Payload::Json(json!({ "i": seq })),
+            };
+            records
+                .insert(seq.to_be_bytes(), record::encode(&r).unwrap())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let (q, report) = open(&path);
+    assert_eq!((report.records, report.next_seq), (3, 4));
+    assert_eq!(report.bytes, 3 * one_size("old"));
+    assert_eq!(seqs(&q), vec![1, 2, 3]);
+    let version = q.meta.get(META_FORMAT).unwrap().unwrap();
+    assert_eq!(version.as_ref(), FORMAT_VERSION.to_be_bytes());
+    // Old and new records side by side.
+    assert_eq!(
+        q.append(vec![rec("s", 9), rec("s", 10)]).unwrap(),
+        vec![4, 5]
+    );
+    q.flush().unwrap();
+    assert!(q.ack(2).unwrap());
+    assert!(!q.ack(2).unwrap());
+    assert!(q.ack(5).unwrap());
+    assert_eq!(seqs(&q), vec![1, 3, 4]);
+    assert_eq!(q.oldest().unwrap().map(|o| o.0), Some(1));
+}
+
+#[test]
+fn a_full_budget_drops_whole_groups_counting_only_unacknowledged_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = fixed_size();
+    let (q, _) = open_with(
+        &dir.path().join("queue"),
+        QueueOptions {
+            max_bytes: size * 10,
+            ..opts()
+        },
+    );
+    // One group of 6, two of them acknowledged.
+    q.append((0..6).map(fixed).collect()).unwrap();
+    assert_eq!(groups(&q), 1);
+    q.flush().unwrap();
+    assert!(q.ack(2).unwrap());
+    assert!(q.ack(3).unwrap());
+    assert_eq!(q.bytes(), 4 * size);
+    // 7 more do not fit beside the 4: the whole first group goes.
+    q.append((6..13).map(fixed).collect()).unwrap();
+    assert_eq!((q.len(), q.drops()), (7, 4));
+    assert_eq!(q.bytes(), 7 * size);
+    q.flush().unwrap();
+    assert_eq!(seqs(&q), (7..=13).collect::<Vec<_>>());
+    assert!(!q.ack(1).unwrap(), "dropped");
+    assert!(q.acked.is_empty());
+}
+
+#[test]
+fn large_records_get_groups_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _) = open(&dir.path().join("queue"));
+    let big = |i: u64| NewRecord {
+        series: "big".into(),
+        ts_ms: 1_795_773_600_000,
+        payload: Payload::Bytes(vec![i as u8; 3 * GROUP_BYTES]),
+    };
+    q.append(vec![rec("s", 0), big(1), big(2), rec("s", 3)])
+        .unwrap();
+    assert_eq!(groups(&q), 4);
+    q.flush().unwrap();
+    assert_eq!(seqs(&q), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn damaged_groups_and_acknowledgements_move_the_store_aside() {
+    for (what, damage) in [
+        ("a group with a record out of sequence", 0),
+        ("an acknowledgement bitmap of the wrong size", 1),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue");
+        {
+            let (q, _) = open(&path);
+            q.append((0..3).map(|i| rec("s", i)).collect()).unwrap();
+            if damage == 0 {
+                let r = |seq| {
+                    record::encode(&StoredRecord {
+                        seq,
+                        series: "s".into(),
+                        ts_ms: 0,
+                        enqueued_ms: 0,
+                        payload: Payload::Json(json!(1)),
+                    })
+                    .unwrap()
+                };
+                q.records
+                    .insert(10u64.to_be_bytes(), record::encode_group(&[r(10), r(12)]))
+                    .unwrap();
+            } else {
+                q.acked.insert(1u64.to_be_bytes(), &[0u8; 3][..]).unwrap();
+            }
+            q.flush().unwrap();
+        }
+        let (_, report) = open(&path);
+        assert!(report.moved_aside.is_some(), "{what}: {report:?}");
+    }
+}
+
 #[test]
 fn locked_store_is_refused_not_moved() {
     let dir = tempfile::tempdir().unwrap();
