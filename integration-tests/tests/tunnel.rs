@@ -339,7 +339,8 @@ fn open_cli(s: &Setup, operator: &str, service: &str) -> (CliProc, SocketAddr) {
 
 /// A loopback server standing for a service on the gateway. The first byte of a
 /// connection picks what it does: `E` echo; `S` sink (reads to EOF, counting); `N` then a
-/// u64 (big endian) length: reads that many bytes and answers `K`.
+/// u64 (big endian) length: reads that many bytes, checks them against [`bulk_pattern`]
+/// and answers `K` if every byte is intact (`X` if not).
 struct TargetServer {
     port: u16,
     /// Bytes received in `S` and `N` mode.
@@ -391,17 +392,21 @@ fn target_server() -> TargetServer {
                             return;
                         }
                         let mut left = u64::from_be_bytes(len);
+                        let pattern = bulk_pattern();
+                        let (mut at, mut intact) = (0usize, true);
                         while left > 0 {
                             let want = buf.len().min(left as usize);
                             match c.read(&mut buf[..want]) {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => {
+                                    intact &= buf[..n] == pattern[at..at + n];
+                                    at = (at + n) % BULK_PERIOD;
                                     left -= n as u64;
                                     sunk.fetch_add(n as u64, Ordering::Relaxed);
                                 }
                             }
                         }
-                        let _ = c.write_all(b"K");
+                        let _ = c.write_all(if intact { b"K" } else { b"X" });
                     }
                     _ => {}
                 }
@@ -625,43 +630,81 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends `bytes` one way (`N` mode) and waits for the far end's acknowledgement: MiB/s.
+/// Period of the bulk transfers' byte pattern: a prime, so that it never lines up with a
+/// buffer, frame or record size on the way.
+const BULK_PERIOD: usize = 65_521;
+/// Largest single write or read of a bulk transfer.
+const BULK_CHUNK: usize = 256 * 1024;
+
+/// The bytes a bulk transfer (`N` mode) carries: byte `i` is `pattern[i % BULK_PERIOD]`;
+/// the slice is one chunk longer than the period so that any chunk is one sub-slice.
+fn bulk_pattern() -> &'static [u8] {
+    static P: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut p: Vec<u8> = (0..BULK_PERIOD)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        while p.len() < BULK_PERIOD + BULK_CHUNK {
+            let k = (BULK_PERIOD + BULK_CHUNK - p.len()).min(BULK_PERIOD);
+            p.extend_from_within(..k);
+        }
+        p
+    })
+}
+
+/// Sends `bytes` one way (`N` mode) and waits for the far end's check that every byte
+/// arrived intact: MiB/s.
 fn bulk_mib_s(addr: SocketAddr, bytes: u64) -> f64 {
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_nodelay(true).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
     let start = Instant::now();
+    bulk_send(&mut c, bytes);
+    bytes as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64()
+}
+
+/// The `N` mode exchange on a connected socket: header, `bytes` of [`bulk_pattern`], and
+/// the far end's `K`.
+fn bulk_send(c: &mut TcpStream, bytes: u64) {
     c.write_all(b"N").unwrap();
     c.write_all(&bytes.to_be_bytes()).unwrap();
-    let chunk = vec![0x6bu8; 256 * 1024];
-    let mut left = bytes;
+    let pattern = bulk_pattern();
+    let (mut left, mut at) = (bytes, 0usize);
     while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        c.write_all(&chunk[..n]).unwrap();
+        let n = left.min(BULK_CHUNK as u64) as usize;
+        c.write_all(&pattern[at..at + n]).unwrap();
+        at = (at + n) % BULK_PERIOD;
         left -= n as u64;
     }
     let mut k = [0u8];
     c.read_exact(&mut k).unwrap();
-    assert_eq!(&k, b"K");
-    bytes as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64()
+    assert_eq!(&k, b"K", "the bulk transfer arrived corrupted");
 }
 
-/// `n` echo round trips of 64 bytes: sorted round-trip times.
-fn rtts(addr: SocketAddr, n: usize) -> Vec<Duration> {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_nodelay(true).unwrap();
-    c.set_read_timeout(Some(T)).unwrap();
-    c.write_all(b"E").unwrap();
-    echo_round_trip(&mut c, &[1u8; 64]).unwrap();
-    let mut v: Vec<Duration> = (0..n)
-        .map(|i| {
-            let t = Instant::now();
-            echo_round_trip(&mut c, &[i as u8; 64]).unwrap();
-            t.elapsed()
+/// `streams` connections each send `bytes` at once (`N` mode): aggregate MiB/s from the
+/// first connect to the last acknowledgement.
+fn parallel_bulk_mib_s(addr: SocketAddr, streams: usize, bytes: u64) -> f64 {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.set_nodelay(true).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+                bulk_send(&mut c, bytes);
+            })
         })
         .collect();
-    v.sort();
-    v
+    for w in workers {
+        w.join().unwrap();
+    }
+    (streams as u64 * bytes) as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64()
 }
 
 // -- tests ------------------------------------------------------------------------------
@@ -1590,23 +1633,127 @@ fn busy_stream_does_not_stall_another() {
     drop(session);
 }
 
-/// Measurement, run by hand:
-/// `cargo test -p bulwark-integration-tests --test tunnel -- --ignored --nocapture`.
-/// Throughput (256 MiB one way) and 64-byte round trips to the same target: directly,
-/// through the tunnel (`bulwark-tunnel open`), and through `ssh -L` port forwarding.
+/// CPU time (user + system, all threads) the processes `pids` have used so far, in seconds.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    // USER_HZ: sysconf(_SC_CLK_TCK), 100 on Linux.
+    const TICKS: f64 = 100.0;
+    pids.iter()
+        .map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command (which is in parentheses and may hold spaces).
+            let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+            let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            (t(11) + t(12)) as f64 / TICKS
+        })
+        .sum()
+}
+
+/// The processes of the sshd under test (the listener and its session children).
+fn sshd_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sshd")
+        })
+        .collect()
+}
+
+/// `n` echo round trips of 64 bytes on each of `addrs`, one path after the other in every
+/// turn: sorted round-trip times per address.
+fn interleaved_rtts(addrs: &[SocketAddr], n: usize) -> Vec<Vec<Duration>> {
+    let mut conns: Vec<TcpStream> = addrs
+        .iter()
+        .map(|a| {
+            let mut c = TcpStream::connect(a).unwrap();
+            c.set_nodelay(true).unwrap();
+            c.set_read_timeout(Some(T)).unwrap();
+            c.write_all(b"E").unwrap();
+            echo_round_trip(&mut c, &[1u8; 64]).unwrap();
+            c
+        })
+        .collect();
+    let mut out = vec![Vec::with_capacity(n); addrs.len()];
+    for i in 0..n {
+        for (c, v) in conns.iter_mut().zip(out.iter_mut()) {
+            let t = Instant::now();
+            echo_round_trip(c, &[i as u8; 64]).unwrap();
+            v.push(t.elapsed());
+        }
+    }
+    for v in &mut out {
+        v.sort();
+    }
+    out
+}
+
+/// One figure as a JSON line that starts with `{"scenario":` (what `make bench` collects),
+/// then the path, then `fields` (an object).
+fn figure_line(scenario: &str, path: &str, fields: serde_json::Value) -> String {
+    let rest = fields.to_string();
+    format!(
+        "{{\"scenario\":{},\"path\":{},{}",
+        serde_json::Value::from(scenario),
+        serde_json::Value::from(path),
+        &rest[1..]
+    )
+}
+
+/// Median of a few figures (the upper middle one for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Measurement, run by hand (and by `make bench`):
+/// `cargo test --release -p bulwark-integration-tests --test tunnel throughput_and_latency_vs_ssh_forwarding -- --ignored --nocapture`.
+///
+/// To the same target, directly (loopback), through the tunnel (`bulwark-tunnel open`) and
+/// through `ssh -L` with ssh's fastest cipher (aes128-gcm): throughput of one stream
+/// (256 MiB one way) and of eight parallel streams (8 × 64 MiB, aggregate), and 2,000 echo
+/// round trips of 64 bytes (p50, p99, and p50 minus the direct p50 of the same round; the
+/// paths take turns round trip by round trip). The paths take turns in a rotating order
+/// over the rounds (3); every figure is the median over the rounds, printed as one JSON
+/// line starting with `{"scenario":`, with the CPU time the path's own processes spent per
+/// MiB. Every bulk transfer is checked byte for byte by the target.
+///
+/// Environment: `BULWARK_TUNNEL_BENCH_ROUNDS`, `BULWARK_TUNNEL_BENCH_MIB` (one stream),
+/// `BULWARK_TUNNEL_BENCH_PARALLEL_MIB` (each of the eight), `BULWARK_TUNNEL_BENCH_RTTS`,
+/// `BULWARK_TUNNEL_BENCH_PATHS` (comma-separated subset of `direct,bulwark-tunnel,ssh-L`),
+/// `BULWARK_TUNNEL_BENCH_WAIT_SECS` (a pause after start-up, e.g. to attach a profiler to
+/// the process ids printed on stderr).
 #[test]
 #[ignore]
 fn throughput_and_latency_vs_ssh_forwarding() {
     let _alone = alone();
+    let rounds: usize = env_or("BULWARK_TUNNEL_BENCH_ROUNDS", 3).max(1);
+    let one_bytes = env_or("BULWARK_TUNNEL_BENCH_MIB", 256u64) * 1024 * 1024;
+    let par_streams = 8usize;
+    let par_bytes = env_or("BULWARK_TUNNEL_BENCH_PARALLEL_MIB", 64u64) * 1024 * 1024;
+    let n_rtt: usize = env_or("BULWARK_TUNNEL_BENCH_RTTS", 2000);
+    let only: Option<String> = std::env::var("BULWARK_TUNNEL_BENCH_PATHS").ok();
     let target = target_server();
     let target_addr: SocketAddr = ([127, 0, 0, 1], target.port).into();
     let sshd = SshServer::start();
     let s = setup(&format!("web = \"127.0.0.1:{}\"", target.port), "");
-    let (_open, tunnel_addr) = open_cli(&s, "alice", "web");
+    let (open, tunnel_addr) = open_cli(&s, "alice", "web");
     let ssh_port = free_port();
+    let cipher = "aes128-gcm@openssh.com";
     let ssh = CliProc::spawn(
         Command::new("ssh")
-            .args(["-N", "-v", "-p", &sshd.port.to_string(), "-i"])
+            .args(["-N", "-v", "-c", cipher, "-p", &sshd.port.to_string(), "-i"])
             .arg(&sshd.client_key)
             .args([
                 "-o",
@@ -1624,23 +1771,165 @@ fn throughput_and_latency_vs_ssh_forwarding() {
     );
     ssh.wait_line(T, |l| l.contains("Local forwarding listening on 127.0.0.1"))
         .unwrap_or_else(|| panic!("ssh -L did not start:\n{}", ssh.stderr()));
-    let ssh_addr: SocketAddr = ([127, 0, 0, 1], ssh_port).into();
-    let bytes = 256u64 * 1024 * 1024;
-    println!(
-        "{:<22} {:>12} {:>10} {:>10}",
-        "path", "MiB/s", "p50 ms", "p99 ms"
+    assert!(
+        ssh.stderr().contains(&format!("cipher: {cipher}")),
+        "ssh did not negotiate {cipher}:\n{}",
+        ssh.stderr()
     );
-    for (name, addr) in [
-        ("direct (loopback)", target_addr),
-        ("bulwark-tunnel open", tunnel_addr),
-        ("ssh -L", ssh_addr),
-    ] {
-        let tput = bulk_mib_s(addr, bytes);
-        let r = rtts(addr, 2000);
+    let ssh_addr: SocketAddr = ([127, 0, 0, 1], ssh_port).into();
+    eprintln!(
+        "pids: broker={} agent={} cli={} ssh={}",
+        s.broker.process.pid(),
+        s.agent.pid(),
+        open.child.id(),
+        ssh.child.id()
+    );
+    let wait = env_or("BULWARK_TUNNEL_BENCH_WAIT_SECS", 0u64);
+    if wait > 0 {
+        std::thread::sleep(Duration::from_secs(wait));
+    }
+    let tunnel_pids = vec![s.broker.process.pid(), s.agent.pid(), open.child.id()];
+    let ssh_client_pid = ssh.child.id();
+    // The processes that carry a path's bytes (besides this test's client and target).
+    let path_pids = |name: &str| -> Vec<u32> {
+        match name {
+            "bulwark-tunnel" => tunnel_pids.clone(),
+            "ssh-L" => {
+                let mut v = sshd_pids();
+                v.push(ssh_client_pid);
+                v
+            }
+            _ => Vec::new(),
+        }
+    };
+    let paths: Vec<(&str, SocketAddr)> = [
+        ("direct", target_addr),
+        ("bulwark-tunnel", tunnel_addr),
+        ("ssh-L", ssh_addr),
+    ]
+    .into_iter()
+    .filter(|(name, _)| {
+        *name == "direct"
+            || only
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|p| p.trim() == *name))
+    })
+    .collect();
+    // Per path: one-stream MiB/s, parallel MiB/s, p50 ms, p99 ms, added p50 ms; one entry
+    // per round.
+    let mut one: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut par: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut p50: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut p99: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut added: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut cpu_one: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut cpu_par: HashMap<&str, Vec<f64>> = HashMap::new();
+    for round in 0..rounds {
+        let mut order = paths.clone();
+        order.rotate_left(round % paths.len());
+        for (name, addr) in &order {
+            let pids = path_pids(name);
+            let cpu0 = cpu_secs(&pids);
+            let t1 = bulk_mib_s(*addr, one_bytes);
+            let cpu1 = cpu_secs(&pids);
+            let t8 = parallel_bulk_mib_s(*addr, par_streams, par_bytes);
+            let cpu8 = cpu_secs(&pids);
+            // CPU milliseconds the path's processes spent per MiB carried.
+            let per_mib = |cpu: f64, bytes: u64| cpu * 1000.0 / (bytes as f64 / (1024.0 * 1024.0));
+            let (c1, c8) = (
+                per_mib(cpu1 - cpu0, one_bytes),
+                per_mib(cpu8 - cpu1, par_streams as u64 * par_bytes),
+            );
+            eprintln!(
+                "round {round} {name:<15} 1 stream {t1:>8.1} MiB/s ({c1:.2} cpu-ms/MiB)  {par_streams} streams {t8:>8.1} MiB/s ({c8:.2} cpu-ms/MiB)"
+            );
+            cpu_one.entry(name).or_default().push(c1);
+            cpu_par.entry(name).or_default().push(c8);
+            one.entry(name).or_default().push(t1);
+            par.entry(name).or_default().push(t8);
+        }
+        // Round trips take turns across the paths (in this round's order), so that a
+        // moment of load elsewhere on the machine weighs on every path alike.
+        let addrs: Vec<SocketAddr> = order.iter().map(|(_, a)| *a).collect();
+        let all = interleaved_rtts(&addrs, n_rtt);
+        let direct_p50 = ms(percentile(
+            &all[order.iter().position(|(n, _)| *n == "direct").unwrap()],
+            0.5,
+        ));
+        for ((name, _), r) in order.iter().zip(&all) {
+            let (a, b) = (ms(percentile(r, 0.5)), ms(percentile(r, 0.99)));
+            eprintln!("round {round} {name:<15} rtt p50 {a:.3} ms p99 {b:.3} ms");
+            p50.entry(name).or_default().push(a);
+            p99.entry(name).or_default().push(b);
+            added.entry(name).or_default().push(a - direct_p50);
+        }
+    }
+    println!(
+        "{:<16} {:>14} {:>14} {:>9} {:>9} {:>12}",
+        "path (median)",
+        "1 stream MiB/s",
+        format!("{par_streams} streams"),
+        "p50 ms",
+        "p99 ms",
+        "added p50"
+    );
+    for (name, _) in &paths {
         println!(
-            "{name:<22} {tput:>12.1} {:>10.3} {:>10.3}",
-            ms(percentile(&r, 0.5)),
-            ms(percentile(&r, 0.99))
+            "{name:<16} {:>14.1} {:>14.1} {:>9.3} {:>9.3} {:>12.3}",
+            median(&one[name]),
+            median(&par[name]),
+            median(&p50[name]),
+            median(&p99[name]),
+            median(&added[name])
         );
     }
+    let list = |v: &[f64]| {
+        serde_json::json!(v
+            .iter()
+            .map(|x| (x * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>())
+    };
+    for (name, _) in &paths {
+        for (streams, bytes, figures, cpu) in [
+            (1, one_bytes, &one, &cpu_one),
+            (par_streams, par_bytes, &par, &cpu_par),
+        ] {
+            println!(
+                "{}",
+                figure_line(
+                    "tunnel-throughput",
+                    name,
+                    serde_json::json!({
+                        "streams": streams,
+                        "bytes_per_stream": bytes,
+                        "mib_per_s": (median(&figures[name]) * 10.0).round() / 10.0,
+                        "rounds": rounds,
+                        "runs": list(&figures[name]),
+                        // CPU the path's own processes used per MiB (not the client's and
+                        // target's): the tunnel's broker, agent and CLI; ssh and sshd.
+                        "path_cpu_ms_per_mib": (median(&cpu[name]) * 1000.0).round() / 1000.0,
+                    })
+                )
+            );
+        }
+        println!(
+            "{}",
+            figure_line(
+                "tunnel-rtt",
+                name,
+                serde_json::json!({
+                    "message_bytes": 64,
+                    "round_trips": n_rtt,
+                    "p50_ms": (median(&p50[name]) * 1000.0).round() / 1000.0,
+                    "p99_ms": (median(&p99[name]) * 1000.0).round() / 1000.0,
+                    "added_p50_ms": (median(&added[name]) * 1000.0).round() / 1000.0,
+                    "rounds": rounds,
+                    "p50_runs": list(&p50[name]),
+                    "p99_runs": list(&p99[name]),
+                })
+            )
+        );
+    }
+    drop(ssh);
+    drop(open);
 }

@@ -30,8 +30,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tracing::Instrument;
 
-use crate::mux::{self, MuxStream};
+use crate::mux::{self, MuxStream, STREAM_COPY_BUFFER};
 use crate::proto::{Offer, RefuseReason, Request};
 use crate::ws::{self, Activity, RelayUrl, WsBytes};
 
@@ -307,19 +309,52 @@ impl DeviceTunnels {
             session: offer.session.clone(),
             token: offer.token.clone(),
         };
-        let (ws, reply) = match ws::connect(&url, tls, &req, timeout).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(target: "audit", event = "tunnel_refused", session = %offer.session, reason = "relay_unreachable", error = %e, "could not join the tunnel session");
+        // The session (joining, then carrying the streams) runs on a thread of its own.
+        let (joined_tx, joined_rx) = oneshot::channel::<Result<(), NotJoined>>();
+        let (mut done_tx, done_rx) = oneshot::channel::<(&'static str, u64, Arc<Activity>)>();
+        let config = self.config.clone();
+        spawn_session_thread(async move {
+            let (ws, reply) = match ws::connect(&url, tls, &req, timeout).await {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = joined_tx.send(Err(NotJoined::Unreachable(e)));
+                    return;
+                }
+            };
+            if !reply.ok {
+                let _ = joined_tx.send(Err(NotJoined::Refused {
+                    code: reply.code.map(|c| c.as_str()).unwrap_or("refused"),
+                    error: reply.error.unwrap_or_default(),
+                }));
+                return;
+            }
+            if joined_tx.send(Ok(())).is_err() {
+                return; // The agent no longer waits for this session.
+            }
+            let activity = Arc::new(Activity::default());
+            let (reason, streams) = tokio::select! {
+                r = run_session(&config, WsBytes::new(ws, activity.clone()), target, &activity) => r,
+                _ = done_tx.closed() => return,
+            };
+            let _ = done_tx.send((reason, streams, activity));
+        }.instrument(tracing::Span::current()));
+        match joined_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(NotJoined::Unreachable(error))) => {
+                tracing::warn!(target: "audit", event = "tunnel_refused", session = %offer.session, reason = "relay_unreachable", error = %error, "could not join the tunnel session");
                 on_event(refused("relay_unreachable"));
                 return;
             }
-        };
-        if !reply.ok {
-            let code = reply.code.map(|c| c.as_str()).unwrap_or("refused");
-            tracing::warn!(target: "audit", event = "tunnel_refused", session = %offer.session, reason = code, error = reply.error.as_deref().unwrap_or(""), "the relay refused the device");
-            on_event(refused(code));
-            return;
+            Ok(Err(NotJoined::Refused { code, error })) => {
+                tracing::warn!(target: "audit", event = "tunnel_refused", session = %offer.session, reason = code, error = %error, "the relay refused the device");
+                on_event(refused(code));
+                return;
+            }
+            Err(_) => {
+                tracing::error!(target: "audit", event = "tunnel_refused", session = %offer.session, reason = "local_error", "could not start a thread for the tunnel session");
+                on_event(refused("local_error"));
+                return;
+            }
         }
         tracing::info!(target: "audit", event = "tunnel_open", session = %offer.session, service = %offer.service, operator = %offer.operator, "tunnel session open");
         on_event(DeviceEvent::Open {
@@ -328,10 +363,10 @@ impl DeviceTunnels {
             operator: offer.operator.clone(),
         });
         let started = Instant::now();
-        let activity = Arc::new(Activity::default());
-        let (reason, streams) = self
-            .run_session(WsBytes::new(ws, activity.clone()), target, &activity)
-            .await;
+        let (reason, streams, activity) =
+            done_rx
+                .await
+                .unwrap_or(("session thread failed", 0, Arc::new(Activity::default())));
         let ev = DeviceEvent::Close {
             session: offer.session.clone(),
             service: offer.service.clone(),
@@ -346,50 +381,86 @@ impl DeviceTunnels {
             duration_secs = started.elapsed().as_secs_f64(), bytes_in = activity.bytes_in(), bytes_out = activity.bytes_out(), streams, reason, "tunnel session closed");
         on_event(ev);
     }
+}
 
-    /// Serves streams until the session ends; returns why, and how many streams it carried.
-    async fn run_session<S>(
-        &self,
-        io: S,
-        target: ServiceTarget,
-        activity: &Activity,
-    ) -> (&'static str, u64)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+/// Why a device did not join a session.
+enum NotJoined {
+    /// No connection to the relay (the error).
+    Unreachable(String),
+    /// The relay refused: its code and message.
+    Refused { code: &'static str, error: String },
+}
+
+/// Runs a tunnel session on a thread of its own, with a single-threaded runtime: every
+/// message through the tunnel wakes this one thread, where on the agent's pool a worker
+/// woke another worker and went to sleep for each of them (a futex round trip per message
+/// each way), and a busy tunnel cannot slow the agent's telemetry. One thread per session
+/// (`tunnel.max_sessions`). If the thread cannot start, `session` is dropped (its
+/// channels say so).
+fn spawn_session_thread<F>(session: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
     {
-        let streams = Arc::new(AtomicUsize::new(0));
-        let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let max_streams = self.config.max_streams_per_session;
-        let connect_timeout = Duration::from_secs(self.config.connect_timeout_secs);
-        let mut tasks = tokio::task::JoinSet::new();
-        let serve = {
-            let streams = streams.clone();
-            let total = total.clone();
-            mux::serve(io, mux::yamux_config(max_streams), move |s| {
-                total.fetch_add(1, Ordering::Relaxed);
-                if streams.load(Ordering::SeqCst) >= max_streams {
-                    drop(s); // reset
-                    return;
-                }
-                streams.fetch_add(1, Ordering::SeqCst);
-                let streams = streams.clone();
-                let target = target.clone();
-                tasks.spawn(async move {
-                    if let Err(e) = connect_stream(s, &target, connect_timeout).await {
-                        tracing::debug!(error = %e, "tunnel stream ended with an error");
-                    }
-                    streams.fetch_sub(1, Ordering::SeqCst);
-                });
-            })
-        };
-        activity.touch();
-        let reason = tokio::select! {
-            r = serve => match r { Ok(()) => "closed", Err(_) => "connection lost" },
-            _ = activity.idle_for(Duration::from_secs(self.config.idle_timeout_secs)) => "idle timeout",
-            _ = tokio::time::sleep(Duration::from_secs(self.config.max_session_secs)) => "maximum session lifetime",
-        };
-        (reason, total.load(Ordering::Relaxed))
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a runtime for the tunnel session");
+            return;
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("tunnel-session".into())
+        .spawn(move || rt.block_on(session))
+    {
+        tracing::error!(error = %e, "cannot start a thread for the tunnel session");
     }
+}
+
+/// Serves streams until the session ends; returns why, and how many streams it carried.
+async fn run_session<S>(
+    config: &DeviceTunnelConfig,
+    io: S,
+    target: ServiceTarget,
+    activity: &Activity,
+) -> (&'static str, u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let streams = Arc::new(AtomicUsize::new(0));
+    let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let max_streams = config.max_streams_per_session;
+    let connect_timeout = Duration::from_secs(config.connect_timeout_secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    let serve = {
+        let streams = streams.clone();
+        let total = total.clone();
+        mux::serve(io, mux::yamux_config(max_streams), move |s| {
+            total.fetch_add(1, Ordering::Relaxed);
+            if streams.load(Ordering::SeqCst) >= max_streams {
+                drop(s); // reset
+                return;
+            }
+            streams.fetch_add(1, Ordering::SeqCst);
+            let streams = streams.clone();
+            let target = target.clone();
+            tasks.spawn(async move {
+                if let Err(e) = connect_stream(s, &target, connect_timeout).await {
+                    tracing::debug!(error = %e, "tunnel stream ended with an error");
+                }
+                streams.fetch_sub(1, Ordering::SeqCst);
+            });
+        })
+    };
+    activity.touch();
+    let reason = tokio::select! {
+        r = serve => match r { Ok(()) => "closed", Err(_) => "connection lost" },
+        _ = activity.idle_for(Duration::from_secs(config.idle_timeout_secs)) => "idle timeout",
+        _ = tokio::time::sleep(Duration::from_secs(config.max_session_secs)) => "maximum session lifetime",
+    };
+    (reason, total.load(Ordering::Relaxed))
 }
 
 struct ActiveGuard<'a>(&'a AtomicUsize);
@@ -413,13 +484,25 @@ async fn connect_stream(
                 .await
                 .map_err(|_| timed_out())??;
             let _ = c.set_nodelay(true);
-            tokio::io::copy_bidirectional(&mut s, &mut c).await?;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut s,
+                &mut c,
+                STREAM_COPY_BUFFER,
+                STREAM_COPY_BUFFER,
+            )
+            .await?;
         }
         ServiceTarget::Unix(p) => {
             let mut c = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(p))
                 .await
                 .map_err(|_| timed_out())??;
-            tokio::io::copy_bidirectional(&mut s, &mut c).await?;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut s,
+                &mut c,
+                STREAM_COPY_BUFFER,
+                STREAM_COPY_BUFFER,
+            )
+            .await?;
         }
     }
     Ok(())

@@ -12,9 +12,11 @@
 //! [`FrameFilter`] takes bytes in arbitrary chunks (WebSocket messages need not align with
 //! frames) and returns the bytes to forward and the bytes to send back. It keeps a 12-byte
 //! header buffer and a few counters per open stream: memory is bounded by the stream
-//! limit.
+//! limit. It reads headers only: [`FrameFilter::plan`] says which ranges of a chunk go on,
+//! so that the relay forwards an unchanged chunk (the usual case) without copying it.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 pub const HEADER_LEN: usize = 12;
 const TYPE_DATA: u8 = 0;
@@ -87,6 +89,64 @@ pub struct Filtered {
     pub refused: u32,
 }
 
+/// What to forward of one chunk, as [`FrameFilter::plan`] decides it without copying: the
+/// header bytes `carried` over from earlier chunks (a header split across chunks is held
+/// back until it is complete), then the `ranges` of the chunk, in order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// At most `HEADER_LEN - 1` bytes.
+    pub carried: Vec<u8>,
+    pub ranges: Vec<Range<usize>>,
+    /// Bytes to send back to where the chunk came from (resets of refused streams).
+    pub reply: Vec<u8>,
+    /// Streams refused because of the stream limit.
+    pub refused: u32,
+}
+
+impl Plan {
+    fn clear(&mut self) {
+        self.carried.clear();
+        self.ranges.clear();
+        self.reply.clear();
+        self.refused = 0;
+    }
+
+    fn push(&mut self, r: Range<usize>) {
+        if r.is_empty() {
+            return;
+        }
+        match self.ranges.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => self.ranges.push(r),
+        }
+    }
+
+    /// Whether the whole chunk of `len` bytes goes on unchanged.
+    pub fn is_whole(&self, len: usize) -> bool {
+        self.carried.is_empty()
+            && match self.ranges.as_slice() {
+                [] => len == 0,
+                [r] => r.start == 0 && r.end == len,
+                _ => false,
+            }
+    }
+
+    /// Bytes to forward.
+    pub fn forward_len(&self) -> usize {
+        self.carried.len() + self.ranges.iter().map(|r| r.len()).sum::<usize>()
+    }
+
+    /// The bytes to forward, copied out of `chunk` (the chunk the plan was made for).
+    pub fn forward_bytes(&self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.forward_len());
+        out.extend_from_slice(&self.carried);
+        for r in &self.ranges {
+            out.extend_from_slice(&chunk[r.clone()]);
+        }
+        out
+    }
+}
+
 /// Tracks both directions of one tunnel session. See the module documentation.
 #[derive(Debug)]
 pub struct FrameFilter {
@@ -118,53 +178,75 @@ impl FrameFilter {
         self.open.len()
     }
 
-    /// Processes `input` going in direction `dir`.
-    pub fn feed(&mut self, dir: Direction, mut input: &[u8]) -> Result<Filtered, FrameError> {
-        let mut out = Filtered {
-            forward: Vec::with_capacity(input.len()),
-            ..Filtered::default()
-        };
-        while !input.is_empty() {
+    /// Processes `input` going in direction `dir`: the bytes to forward, copied.
+    pub fn feed(&mut self, dir: Direction, input: &[u8]) -> Result<Filtered, FrameError> {
+        let mut plan = Plan::default();
+        self.plan(dir, input, &mut plan)?;
+        Ok(Filtered {
+            forward: plan.forward_bytes(input),
+            reply: std::mem::take(&mut plan.reply),
+            refused: plan.refused,
+        })
+    }
+
+    /// Processes `input` going in direction `dir`: what to forward goes into `plan`
+    /// (cleared first) as ranges of `input`. On an error the session must end; `plan` is
+    /// then meaningless.
+    pub fn plan(
+        &mut self,
+        dir: Direction,
+        input: &[u8],
+        plan: &mut Plan,
+    ) -> Result<(), FrameError> {
+        plan.clear();
+        let mut pos = 0;
+        while pos < input.len() {
             let st = match dir {
                 Direction::ToDevice => &mut self.to_device,
                 Direction::ToOperator => &mut self.to_operator,
             };
             match st.payload {
                 Payload::Forward(n) if n > 0 => {
-                    let k = (n as usize).min(input.len());
-                    out.forward.extend_from_slice(&input[..k]);
-                    input = &input[k..];
+                    let k = (n as usize).min(input.len() - pos);
+                    plan.push(pos..pos + k);
+                    pos += k;
                     st.payload = Payload::Forward(n - k as u32);
                     continue;
                 }
                 Payload::Drop(n) if n > 0 => {
-                    let k = (n as usize).min(input.len());
-                    input = &input[k..];
+                    let k = (n as usize).min(input.len() - pos);
+                    pos += k;
                     st.payload = Payload::Drop(n - k as u32);
                     continue;
                 }
                 _ => {}
             }
-            let k = (HEADER_LEN - st.have).min(input.len());
-            st.header[st.have..st.have + k].copy_from_slice(&input[..k]);
+            let (start, had) = (pos, st.have);
+            let k = (HEADER_LEN - st.have).min(input.len() - pos);
+            st.header[st.have..st.have + k].copy_from_slice(&input[pos..pos + k]);
             st.have += k;
-            input = &input[k..];
+            pos += k;
             if st.have < HEADER_LEN {
                 break;
             }
             st.have = 0;
             let header = st.header;
-            self.on_header(dir, header, &mut out)?;
+            if self.on_header(dir, header, plan)? {
+                // Only the chunk's first header can have begun in an earlier chunk.
+                plan.carried.extend_from_slice(&header[..had]);
+                plan.push(start..pos);
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
+    /// Applies one complete header; returns whether the frame goes on.
     fn on_header(
         &mut self,
         dir: Direction,
         h: [u8; HEADER_LEN],
-        out: &mut Filtered,
-    ) -> Result<(), FrameError> {
+        plan: &mut Plan,
+    ) -> Result<bool, FrameError> {
         let version = h[0];
         let typ = h[1];
         let flags = u16::from_be_bytes([h[2], h[3]]);
@@ -193,8 +275,8 @@ impl FrameFilter {
                         }
                         if self.open.len() >= self.max_streams {
                             forward = false;
-                            out.refused += 1;
-                            out.reply.extend_from_slice(&reset_frame(id));
+                            plan.refused += 1;
+                            plan.reply.extend_from_slice(&reset_frame(id));
                         } else {
                             self.open.insert(id, StreamState::default());
                             self.opened_total += 1;
@@ -227,13 +309,12 @@ impl FrameFilter {
             Direction::ToDevice => &mut self.to_device,
             Direction::ToOperator => &mut self.to_operator,
         };
-        if forward {
-            out.forward.extend_from_slice(&h);
-            st.payload = Payload::Forward(payload);
+        st.payload = if forward {
+            Payload::Forward(payload)
         } else {
-            st.payload = Payload::Drop(payload);
-        }
-        Ok(())
+            Payload::Drop(payload)
+        };
+        Ok(forward)
     }
 }
 
@@ -264,6 +345,38 @@ mod tests {
             f.extend_from_slice(payload);
         }
         f
+    }
+
+    #[test]
+    fn plans_pass_whole_chunks_without_copying() {
+        let mut f = FrameFilter::new(1, 1 << 20);
+        let mut plan = Plan::default();
+        // Whole frames in one chunk: the chunk itself goes on.
+        let mut a = frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, &[]);
+        a.extend(frame(TYPE_DATA, 0, 1, &[9; 100]));
+        f.plan(Direction::ToDevice, &a, &mut plan).unwrap();
+        assert!(plan.is_whole(a.len()));
+        assert_eq!(plan.forward_bytes(&a), a);
+        // A header split across chunks: held back, then carried into the next chunk.
+        let b = frame(TYPE_DATA, 0, 1, b"xyz");
+        f.plan(Direction::ToDevice, &b[..5], &mut plan).unwrap();
+        assert_eq!(plan.forward_len(), 0);
+        assert!(!plan.is_whole(5));
+        f.plan(Direction::ToDevice, &b[5..], &mut plan).unwrap();
+        assert_eq!(plan.carried, b[..5]);
+        assert!(!plan.is_whole(b.len() - 5));
+        assert_eq!(plan.forward_bytes(&b[5..]), b);
+        // A refused stream's frames are cut out; the rest stays in order.
+        let mut c = frame(TYPE_DATA, 0, 1, b"before");
+        c.extend(frame(TYPE_DATA, FLAG_SYN, 3, b"refused"));
+        c.extend(frame(TYPE_DATA, 0, 1, b"after"));
+        f.plan(Direction::ToDevice, &c, &mut plan).unwrap();
+        assert_eq!(plan.refused, 1);
+        assert_eq!(plan.reply, reset_frame(3));
+        assert_eq!(plan.ranges.len(), 2);
+        let mut want = frame(TYPE_DATA, 0, 1, b"before");
+        want.extend(frame(TYPE_DATA, 0, 1, b"after"));
+        assert_eq!(plan.forward_bytes(&c), want);
     }
 
     #[test]

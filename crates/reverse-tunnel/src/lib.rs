@@ -6,6 +6,7 @@
 //! - [`frames`]: the relay's view of the yamux stream (stream limit, rule checks); fuzzed.
 //! - [`mux`]: yamux over the WebSocket byte stream.
 //! - [`relay`]: the broker side: pairs operators with devices, enforces grants and limits.
+//! - [`splice`]: the relay's data path between a paired operator and device.
 //! - [`device`]: the agent side: answers offers, connects streams to allow-listed services.
 //! - [`operator`]: the operator side: open, forward, stdio, list.
 #![forbid(unsafe_code)]
@@ -18,4 +19,5 @@ pub mod mux;
 pub mod operator;
 pub mod proto;
 pub mod relay;
+pub mod splice;
 pub mod ws;

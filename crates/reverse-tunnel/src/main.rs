@@ -168,9 +168,11 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
+/// One thread: every message through the tunnel wakes this process (a socket each way);
+/// with a pool of workers, each wake-up also handed the work from one worker to another
+/// (a futex round trip per message).
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| {

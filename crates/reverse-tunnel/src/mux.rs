@@ -17,13 +17,74 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadC
 /// One multiplexed stream, as a tokio byte stream.
 pub type MuxStream = Compat<yamux::Stream>;
 
-/// yamux settings shared by both ends: at most `max_streams` streams, and at most 16 MiB of
-/// receive window for the whole session.
+/// Largest payload of a data frame this side sends (yamux's default is 16 KiB). A frame
+/// and its header travel as one WebSocket message, so this stays below
+/// [`crate::ws::MAX_MESSAGE_BYTES`] (and the relay's data frame limit, which is that size).
+/// Larger frames mean fewer messages, TLS writes and wake-ups per byte; a small frame of
+/// another stream waits behind at most one of these.
+pub const MAX_FRAME_PAYLOAD: usize = 128 * 1024;
+
+/// Bytes each side of a stream copies at once between its socket and the tunnel (tokio's
+/// default is 8 KiB): one read from the local socket becomes one data frame. Two buffers
+/// per stream.
+pub const STREAM_COPY_BUFFER: usize = MAX_FRAME_PAYLOAD;
+
+/// yamux gives every stream a receive window of 256 KiB and lets a stream that fills it
+/// quickly (within two round trips) double it, as long as the session's total stays within
+/// its limit. A stream's window may grow to this: on a path whose three processes take
+/// turns on a busy machine, 256 KiB left the sender waiting for window updates. The larger
+/// the window, the more of a busy stream's bytes may queue in the connection ahead of
+/// another stream's small frame (1 MiB at 100 MiB/s: 10 ms; with 2 MiB, round trips
+/// beside a busy stream reached a p99 of 76 ms on a loaded machine).
+pub const STREAM_WINDOW_MAX: usize = 1024 * 1024;
+
+/// yamux's initial (and minimum) stream receive window.
+const STREAM_WINDOW: usize = yamux::DEFAULT_CREDIT as usize;
+
+/// What the session's window holds beyond 256 KiB per stream: the growth of its streams'
+/// windows, shared.
+const SESSION_WINDOW_HEADROOM: usize = STREAM_WINDOW_MAX - STREAM_WINDOW;
+
+/// yamux settings shared by both ends: at most `max_streams` streams, data frames of at
+/// most [`MAX_FRAME_PAYLOAD`], and at most `max_streams` × 256 KiB + 768 KiB of receive
+/// window for the whole session (every stream its 256 KiB, and growth up to
+/// [`STREAM_WINDOW_MAX`] shared). That window is what a side buffers at most for streams
+/// whose reader is slower than the sender: per stream at most [`STREAM_WINDOW_MAX`], plus
+/// the two [`STREAM_COPY_BUFFER`]s.
 pub fn yamux_config(max_streams: usize) -> yamux::Config {
+    let max_streams = max_streams.max(1);
     let mut c = yamux::Config::default();
-    c.set_max_num_streams(max_streams.max(1));
-    c.set_max_connection_receive_window(Some(16 * 1024 * 1024));
+    // Each setter checks that the window leaves every stream its 256 KiB: no limit while
+    // the stream count changes, then the limit.
+    c.set_max_connection_receive_window(None);
+    c.set_max_num_streams(max_streams);
+    c.set_max_connection_receive_window(Some(
+        max_streams
+            .saturating_mul(STREAM_WINDOW)
+            .saturating_add(SESSION_WINDOW_HEADROOM),
+    ));
+    c.set_split_send_size(MAX_FRAME_PAYLOAD);
     c
+}
+
+/// See [`settle_allocator`].
+const ALLOCATOR_SETTLE_BYTES: usize = 4 * 1024 * 1024;
+
+/// yamux allocates a buffer for every data frame it sends or receives and frees it soon
+/// after. glibc's malloc hands free memory at the top of its heap back to the system once
+/// there is more of it than its trim threshold (128 KiB at first), and the next frame
+/// takes it back page by page, each page zeroed by the kernel: about half the bytes the
+/// tunnel carried went through freshly faulted pages. glibc raises that threshold (to
+/// twice the size) when a block it had mapped on its own is freed; freeing one such block
+/// of [`ALLOCATOR_SETTLE_BYTES`] once per process lets the frame buffers be reused
+/// instead, at the cost of keeping up to twice that much free memory. Other allocators
+/// just see one allocation.
+pub fn settle_allocator() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let block: Vec<u8> = Vec::with_capacity(ALLOCATOR_SETTLE_BYTES);
+        drop(std::hint::black_box(block));
+    });
 }
 
 type OpenReply = oneshot::Sender<Result<MuxStream, String>>;
@@ -60,6 +121,7 @@ pub fn client<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    settle_allocator();
     let (tx, mut rx) = mpsc::channel::<OpenReply>(16);
     let mut conn = yamux::Connection::new(io.compat(), config, yamux::Mode::Client);
     let driver = async move {
@@ -111,6 +173,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnMut(MuxStream),
 {
+    settle_allocator();
     let mut conn = yamux::Connection::new(io.compat(), config, yamux::Mode::Server);
     loop {
         match poll_fn(|cx| conn.poll_next_inbound(cx)).await {
@@ -125,6 +188,14 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn config_for_any_stream_limit() {
+        // yamux asserts that the session window leaves every stream its 256 KiB.
+        for n in [0, 1, 64, 65, 1000, 10_000] {
+            let _ = yamux_config(n);
+        }
+    }
 
     /// Two streams over one in-memory pipe: each echo comes back on its own stream, and
     /// half-close reaches the other side.

@@ -10,8 +10,9 @@
 //! 3. The agent on D checks S against its allow-list, dials the relay with its device
 //!    certificate and sends `accept` (or `refuse`). The relay checks that the certificate
 //!    identity is D, that the token is D's, unused and unexpired, then splices the two
-//!    WebSockets: binary messages flow both ways through a [`FrameFilter`] (stream limit,
-//!    device may not open streams) with back-pressure (one message in hand per direction).
+//!    WebSockets ([`crate::splice`]): binary messages flow both ways through a
+//!    [`crate::frames::FrameFilter`] (stream limit, device may not open streams) with
+//!    back-pressure (one frame in hand per direction).
 //! 4. The session ends when either side closes, after `idle_timeout_secs` without a byte,
 //!    after `max_session_secs`, or at broker shutdown (the `shutdown` signal of
 //!    [`Relay::serve`]).
@@ -27,19 +28,16 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, watch, Mutex as AsyncMutex};
-use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::frames::{Direction, FrameFilter};
 use crate::proto::{
     random_token, valid_name, ErrorCode, Offer, RefuseReason, Reply, Request, SessionInfo,
 };
-use crate::ws::{read_json, write_json, Activity, MAX_MESSAGE_BYTES};
+use crate::splice::RelayConnection;
+use crate::ws::{read_json, write_json, Activity};
 
 /// The broker's `[tunnel]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -227,10 +225,7 @@ fn same_token(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-impl<S> Relay<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+impl<S: RelayConnection> Relay<S> {
     pub fn new(host: Arc<dyn RelayHost>, config: RelayConfig) -> Relay<S> {
         Relay {
             host,
@@ -704,119 +699,32 @@ where
     }
 
     /// Forwards both ways until one side closes or a limit ends the session; returns why.
+    /// The WebSockets continue in [`crate::splice`] on their connections: nothing is lost,
+    /// since the relay last wrote its reply on each and has not read since, and neither the
+    /// operator nor the device sends before that reply.
     async fn splice(
         &self,
         op: WebSocketStream<S>,
         dev: WebSocketStream<S>,
         activity: &Activity,
     ) -> &'static str {
-        let (op_tx, op_rx) = op.split();
-        let (dev_tx, dev_rx) = dev.split();
-        let op_tx = AsyncMutex::new(op_tx);
-        let dev_tx = AsyncMutex::new(dev_tx);
-        let filter = Mutex::new(FrameFilter::new(
+        let idle = Duration::from_secs(self.config.idle_timeout_secs);
+        let lifetime = Duration::from_secs(self.config.max_session_secs);
+        let limit = async {
+            tokio::select! {
+                _ = activity.idle_for(idle) => "idle timeout",
+                _ = tokio::time::sleep(lifetime) => "maximum session lifetime",
+            }
+        };
+        crate::splice::splice(
+            op.into_inner(),
+            dev.into_inner(),
             self.config.max_streams_per_session,
-            MAX_MESSAGE_BYTES as u32,
-        ));
-        activity.touch();
-        let reason = tokio::select! {
-            r = pump(Direction::ToDevice, op_rx, &dev_tx, &op_tx, &filter, activity) => r,
-            r = pump(Direction::ToOperator, dev_rx, &op_tx, &dev_tx, &filter, activity) => r,
-            _ = activity.idle_for(Duration::from_secs(self.config.idle_timeout_secs)) => "idle timeout",
-            _ = tokio::time::sleep(Duration::from_secs(self.config.max_session_secs)) => "maximum session lifetime",
-        };
-        let _ = op_tx.lock().await.close().await;
-        reason
+            activity,
+            limit,
+        )
+        .await
     }
-}
-
-type WsSink<S> = AsyncMutex<SplitSink<WebSocketStream<S>, Message>>;
-
-/// One direction of a spliced session: each binary message from `rx` goes through the
-/// frame filter, what it lets through goes to `to`, and its answers (resets of refused
-/// streams) go back to `from`. One message in hand at a time: back-pressure, bounded
-/// memory. Returns why it stopped.
-async fn pump<S>(
-    dir: Direction,
-    mut rx: SplitStream<WebSocketStream<S>>,
-    to: &WsSink<S>,
-    from: &WsSink<S>,
-    filter: &Mutex<FrameFilter>,
-    activity: &Activity,
-) -> &'static str
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (src_closed, dst_closed, src_broke, counter) = match dir {
-        Direction::ToDevice => (
-            "operator closed",
-            "device closed",
-            "operator protocol error",
-            &activity.bytes_in,
-        ),
-        Direction::ToOperator => (
-            "device closed",
-            "operator closed",
-            "device protocol error",
-            &activity.bytes_out,
-        ),
-    };
-    while let Some(m) = rx.next().await {
-        let b = match m {
-            Ok(Message::Binary(b)) => b,
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(_) | Err(_) => return src_closed,
-        };
-        let fed = filter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .feed(dir, &b);
-        let out = match fed {
-            Ok(o) => o,
-            Err(e) => {
-                let side = if dir == Direction::ToDevice {
-                    "operator"
-                } else {
-                    "device"
-                };
-                tracing::warn!(target: "audit", event = "tunnel_protocol_error", error = %e, "{side} broke the tunnel protocol");
-                return src_broke;
-            }
-        };
-        if out.refused > 0 {
-            tracing::info!(
-                refused = out.refused,
-                "tunnel stream refused: tunnel.max_streams_per_session reached"
-            );
-        }
-        if !out.forward.is_empty() {
-            counter.fetch_add(
-                out.forward.len() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            activity.touch();
-            let sent = to
-                .lock()
-                .await
-                .send(Message::Binary(Bytes::from(out.forward)))
-                .await;
-            if sent.is_err() {
-                return dst_closed;
-            }
-        }
-        if !out.reply.is_empty() {
-            let sent = from
-                .lock()
-                .await
-                .send(Message::Binary(Bytes::from(out.reply)))
-                .await;
-            if sent.is_err() {
-                return src_closed;
-            }
-        }
-    }
-    let _ = to.lock().await.close().await;
-    src_closed
 }
 
 #[cfg(test)]
