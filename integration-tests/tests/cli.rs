@@ -92,3 +92,52 @@ fn sigterm_and_sigint_shut_down_cleanly() {
         );
     }
 }
+
+/// The text log written to a pipe (journald, a log file) is plain text: no terminal colour
+/// codes around levels and field names.
+#[test]
+fn text_log_to_a_pipe_has_no_colour_codes() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+    let pki = TestPki::new();
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().join("broker.toml");
+    std::fs::write(&path, BrokerConfig::default().render(&pki, data.path())).unwrap();
+    let mut child = Command::new(bin_path("bulwark-broker"))
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&path)
+        .env("BULWARK_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|l: &String| l.contains("listening")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = seen.join("\n");
+    assert!(text.contains("listening"), "no listening line: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a piped log: {text:?}"
+    );
+    assert!(text.contains("INFO"), "{text}");
+}
