@@ -87,19 +87,26 @@ impl End {
     }
 }
 
+/// A connection just accepted: what its task starts from, in one box, so that the task
+/// does not carry each of these for its whole life (an `async fn` keeps room for its
+/// arguments in every state, even after they have moved on).
+pub struct Accepted {
+    pub shared: Arc<Shared>,
+    pub listener: Arc<ListenerRuntime>,
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub accepted: Instant,
+    pub shutdown: watch::Receiver<bool>,
+    /// The connection's place under `limits.max_connections`, given back at the end.
+    pub permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Serves one accepted TCP connection to its end.
-pub async fn serve(
-    shared: Arc<Shared>,
-    listener: Arc<ListenerRuntime>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    accepted: Instant,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(accepted: Box<Accepted>) {
     let span = tracing::info_span!(
         "conn",
-        %peer,
-        listener = %listener.name,
+        peer = %accepted.peer,
+        listener = %accepted.listener.name,
         client_id = field::Empty,
         identity = field::Empty,
     );
@@ -107,18 +114,37 @@ pub async fn serve(
         // Set-up (TLS and WebSocket handshakes, CONNECT, authentication, a tunnel relay
         // session) runs boxed, so the long-lived task of an idle connection holds only
         // what `run` needs.
-        let ready = Box::pin(set_up(shared, listener, stream, peer, accepted, &shutdown)).await;
-        let Some(Ready {
-            mut connection,
-            first,
-            waker,
-            kick,
-        }) = ready
-        else {
+        let (set_up, shutdown, _permit) = {
+            let Accepted {
+                shared,
+                listener,
+                stream,
+                peer,
+                accepted,
+                shutdown,
+                permit,
+            } = *accepted;
+            let set_up = Box::pin(set_up(
+                shared,
+                listener,
+                stream,
+                peer,
+                accepted,
+                shutdown.clone(),
+            ));
+            (set_up, shutdown, permit)
+        };
+        // One binding for what set-up leaves: taken apart into new bindings, it would be
+        // kept twice in this task.
+        let Some(mut ready) = set_up.await else {
             return;
         };
-        let end = connection.run(first, waker, kick, shutdown).await;
-        Box::pin(connection.finish(end)).await;
+        let first = std::mem::take(&mut ready.first);
+        let end = ready
+            .connection
+            .run(first, ready.waker.clone(), ready.kick.clone(), shutdown)
+            .await;
+        Box::pin(ready.connection.finish(end)).await;
     }
     .instrument(span)
     .await
@@ -132,7 +158,7 @@ async fn set_up(
     stream: TcpStream,
     peer: SocketAddr,
     accepted: Instant,
-    shutdown: &watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Option<Ready> {
     let deadline = accepted + shared.router.limits().connect_timeout();
     let established =
@@ -141,10 +167,7 @@ async fn set_up(
         Ok(Ok(Setup::Mqtt(e))) => e,
         Ok(Ok(Setup::Tunnel(ws, identity))) => {
             if let Some(relay) = shared.tunnel.get() {
-                relay
-                    .clone()
-                    .serve(*ws, identity, peer, shutdown.clone())
-                    .await;
+                relay.clone().serve(*ws, identity, peer, shutdown).await;
             }
             return None;
         }
@@ -519,12 +542,14 @@ impl Connection {
         {
             return End::TakenOver;
         }
-        if let Err(end) = self.write(&out).await {
+        // Boxed, like every handling step below: inline, these futures would be part of
+        // the connection's task for as long as it lives (idle memory per connection).
+        if let Err(end) = Box::pin(self.write(&out)).await {
             return end;
         }
         // Packets that arrived together with CONNECT.
         if !self.rbuf.is_empty() {
-            match self.process_input().await {
+            match Box::pin(self.process_input()).await {
                 Ok(None) => {}
                 Ok(Some(end)) => return end,
                 Err(end) => return end,

@@ -82,11 +82,15 @@ pub async fn accept_loop(
             drop(stream);
             continue;
         };
-        let (l, s, sd) = (listener.clone(), shared.clone(), shutdown.clone());
-        conns.spawn(async move {
-            connection::serve(s, l, stream, peer, accepted_at, sd).await;
-            drop(permit);
-        });
+        conns.spawn(connection::serve(Box::new(connection::Accepted {
+            shared: shared.clone(),
+            listener: listener.clone(),
+            stream,
+            peer,
+            accepted: accepted_at,
+            shutdown: shutdown.clone(),
+            permit,
+        })));
     }
     drop(sock);
     while conns.join_next().await.is_some() {}
