@@ -149,7 +149,10 @@ impl Transport {
                 match s.try_read_buf(buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         release_if_empty(buf);
-                        s.readable().await?;
+                        // Poll-based: the waker is kept in the socket's registration, so
+                        // the waiting future is a reference, not a waiter node (idle
+                        // connection memory).
+                        std::future::poll_fn(|cx| s.poll_read_ready(cx)).await?;
                     }
                     r => return r,
                 }
@@ -161,7 +164,8 @@ impl Transport {
                     return r;
                 }
                 release_if_empty(buf);
-                s.get_ref().0.readable().await?;
+                let tcp = &s.get_ref().0;
+                std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
             },
             Transport::Wss(ws) => loop {
                 match ws.next().await {
