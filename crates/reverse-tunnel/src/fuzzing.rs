@@ -1,8 +1,8 @@
-//! The check behind the `frames` fuzz target in `fuzz/`, shared with the corpus replay test
-//! (`tests/corpus_replay.rs`) so both run one implementation. It panics when it finds a
-//! bug; that is the point. Not part of the supported API.
+//! The checks behind the fuzz targets in `fuzz/` (`frames`, `splice`), shared with the
+//! corpus replay test (`tests/corpus_replay.rs`) so both run one implementation. They panic
+//! when they find a bug; that is the point. Not part of the supported API.
 //!
-//! Input format: a sequence of chunks, each one control byte followed by its bytes. Bit 7 of
+//! `frames` input format: a sequence of chunks, each one control byte followed by its bytes. Bit 7 of
 //! the control byte is the direction (0: operator to device, 1: device to operator), bits
 //! 0..=6 the chunk length (0..=127; the last chunk takes what is left if it is shorter).
 
@@ -131,6 +131,108 @@ pub fn check_frames(data: &[u8]) -> FramesOutcome {
     outcome.opened_total = whole.opened_total;
     outcome.open_streams = whole.open_streams();
     outcome
+}
+
+/// What [`run_splice`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpliceOutcome {
+    /// The payload of every binary message the device side received, in order.
+    pub to_device: Vec<u8>,
+    /// Why the relay ended the session.
+    pub reason: &'static str,
+}
+
+/// Runs a relay session ([`crate::splice::splice`], limit [`FUZZ_MAX_STREAMS`] streams)
+/// whose operator side sends `raw` in pieces of `chunk` bytes and then ends its
+/// connection, and whose device side (a WebSocket client) reads everything. Panics when
+/// the session does not end within 10 seconds, or when what the relay sends the device is
+/// not valid WebSocket from a server (a protocol error other than an unannounced end).
+pub fn run_splice(raw: &[u8], chunk: usize) -> SpliceOutcome {
+    use futures_util::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(async move {
+        let (mut op_c, op_r) = tokio::io::duplex(1 << 16);
+        let (dev_c, dev_r) = tokio::io::duplex(1 << 16);
+        let activity = crate::ws::Activity::default();
+        let relay = crate::splice::splice(
+            op_r,
+            dev_r,
+            FUZZ_MAX_STREAMS,
+            &activity,
+            std::future::pending(),
+        );
+        let writer = async move {
+            for c in raw.chunks(chunk.max(1)) {
+                if op_c.write_all(c).await.is_err() {
+                    break;
+                }
+            }
+            // The operator's connection ends here.
+        };
+        let mut dev =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(dev_c, Role::Client, None).await;
+        let reader = async move {
+            let mut got = Vec::new();
+            while let Some(m) = dev.next().await {
+                match m {
+                    Ok(Message::Binary(b)) => got.extend_from_slice(&b),
+                    Ok(Message::Text(t)) => panic!("the relay sent the device text: {t:?}"),
+                    Ok(_) => {}
+                    Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))
+                    | Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => break,
+                    Err(e) => panic!("the relay sent the device invalid WebSocket: {e}"),
+                }
+            }
+            got
+        };
+        let (reason, (), to_device) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                tokio::join!(relay, writer, reader)
+            })
+            .await
+            .expect("the relay session did not end after the operator's connection did");
+        SpliceOutcome { to_device, reason }
+    })
+}
+
+/// The `splice` fuzz target: the first byte sets the piece size (1 to 256 bytes), the rest
+/// is what the operator side sends. The session runs twice, in those pieces and all at
+/// once. Checks ([`run_splice`]): no panic, the session ends, the device gets only valid
+/// WebSocket; the device never gets more payload bytes than were sent; what the device got
+/// in one run is a prefix of what it got in the other (exact equality for valid input that
+/// ends with a close is the `frames_cut_anywhere_arrive_whole` property test).
+pub fn check_splice(data: &[u8]) -> SpliceOutcome {
+    let Some((&size, raw)) = data.split_first() else {
+        return run_splice(&[], 1);
+    };
+    let pieces = run_splice(raw, usize::from(size) + 1);
+    let whole = run_splice(raw, raw.len().max(1));
+    for o in [&pieces, &whole] {
+        assert!(
+            o.to_device.len() <= raw.len(),
+            "the device got {} bytes from {} sent",
+            o.to_device.len(),
+            raw.len()
+        );
+    }
+    // The cut may change how much is forwarded before the session ends (what was read
+    // before an abrupt end or a violation), never which bytes.
+    let (a, b) = (&pieces.to_device, &whole.to_device);
+    assert!(
+        a.starts_with(b) || b.starts_with(a),
+        "forwarded bytes depend on how the input was cut: {} and {} bytes",
+        a.len(),
+        b.len()
+    );
+    pieces
 }
 
 #[cfg(test)]

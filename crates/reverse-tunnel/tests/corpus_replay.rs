@@ -1,15 +1,16 @@
-//! Replays the committed fuzz corpus (`fuzz/corpus/frames`) through the same check the fuzz
-//! target runs, so every seed and every crash ever fixed stays a regression test.
+//! Replays the committed fuzz corpora (`fuzz/corpus/frames`, `fuzz/corpus/splice`) through
+//! the same checks the fuzz targets run, so every seed and every crash ever fixed stays a
+//! regression test.
 //!
-//! Seed names also state an expectation: `ok-*` passes the relay's frame filter without an
-//! error, `err-*` must end in a frame error. Other names (garbage, crashes) only must not
-//! panic.
+//! Seed names also state an expectation: for `frames`, `ok-*` passes the relay's frame
+//! filter without an error and `err-*` must end in a frame error; for `splice`, see
+//! [`splice_corpus_replays`]. Other names (garbage, crashes) only must not panic.
 
 use std::fs;
 use std::path::PathBuf;
 
 use bulwark_tunnel::frames::FrameError;
-use bulwark_tunnel::fuzzing::{check_frames, FUZZ_MAX_STREAMS};
+use bulwark_tunnel::fuzzing::{check_frames, check_splice, FUZZ_MAX_STREAMS};
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir: PathBuf = [env!("CARGO_MANIFEST_DIR"), "fuzz", "corpus", target]
@@ -103,4 +104,42 @@ fn frames_seeds_cover_each_rule() {
         run("err-http-garbage").error,
         Some(FrameError::Version(b'G'))
     );
+}
+
+/// The `splice` corpus through the relay's data path, as the fuzz target runs it. Seed
+/// names state the expectation: `ok-*` is forwarded and closed properly, `err-*` ends as
+/// the operator's protocol error, `end-*` ends as a close; others only must not panic.
+#[test]
+fn splice_corpus_replays() {
+    let files = corpus("splice");
+    assert!(
+        files.len() >= 10,
+        "only {} files in fuzz/corpus/splice",
+        files.len()
+    );
+    let (mut ok, mut err) = (0, 0);
+    for (name, data) in &files {
+        let outcome = check_splice(data);
+        if name.starts_with("ok-") {
+            assert_eq!(outcome.reason, "operator closed", "{name}");
+            assert!(!outcome.to_device.is_empty(), "{name}: nothing forwarded");
+            ok += 1;
+        } else if name.starts_with("err-") {
+            assert_eq!(outcome.reason, "operator protocol error", "{name}");
+            err += 1;
+        } else if name.starts_with("end-") {
+            assert_eq!(outcome.reason, "operator closed", "{name}");
+        }
+    }
+    assert!(ok >= 4, "only {ok} ok- seeds");
+    assert!(err >= 6, "only {err} err- seeds");
+    // The seeds' yamux bytes arrive whole: a SYN and 220 bytes of data on stream 1.
+    let one = check_splice(
+        &files
+            .iter()
+            .find(|(n, _)| n == "ok-one-message")
+            .expect("seed ok-one-message")
+            .1,
+    );
+    assert_eq!(one.to_device.len(), 12 + 12 + 220);
 }
