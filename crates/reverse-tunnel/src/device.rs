@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::mux::{self, MuxStream, STREAM_COPY_BUFFER};
+use crate::mux::{self, MuxStream};
 use crate::proto::{Offer, RefuseReason, Request};
 use crate::ws::{self, Activity, RelayUrl, WsBytes};
 
@@ -484,28 +484,15 @@ async fn connect_stream(
                 .await
                 .map_err(|_| timed_out())??;
             let _ = c.set_nodelay(true);
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut s,
-                &mut c,
-                STREAM_COPY_BUFFER,
-                STREAM_COPY_BUFFER,
-            )
-            .await?;
+            mux::copy_both_ways(&mut s, &mut c).await.map(|_| ())
         }
         ServiceTarget::Unix(p) => {
             let mut c = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(p))
                 .await
                 .map_err(|_| timed_out())??;
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut s,
-                &mut c,
-                STREAM_COPY_BUFFER,
-                STREAM_COPY_BUFFER,
-            )
-            .await?;
+            mux::copy_both_ways(&mut s, &mut c).await.map(|_| ())
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -29,6 +29,16 @@ pub const MAX_FRAME_PAYLOAD: usize = 128 * 1024;
 /// per stream.
 pub const STREAM_COPY_BUFFER: usize = MAX_FRAME_PAYLOAD;
 
+/// Copies a tunnel stream and a local connection into each other until both directions
+/// end (half-close passed on), with [`STREAM_COPY_BUFFER`]s: bytes each way.
+pub async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, STREAM_COPY_BUFFER, STREAM_COPY_BUFFER).await
+}
+
 /// yamux gives every stream a receive window of 256 KiB and lets a stream that fills it
 /// quickly (within two round trips) double it, as long as the session's total stays within
 /// its limit. A stream's window may grow to this: on a path whose three processes take

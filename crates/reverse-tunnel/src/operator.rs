@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::mux::{self, MuxClient, STREAM_COPY_BUFFER};
+use crate::mux::{self, MuxClient};
 use crate::proto::{ErrorCode, Reply, Request, SessionInfo};
 use crate::ws::{self, Activity, RelayUrl, WsBytes};
 
@@ -218,13 +218,7 @@ pub async fn forward(mut session: OpenSession, listener: TcpListener) -> String 
                 match client.open().await {
                     Ok(mut s) => {
                         tracing::debug!(%peer, "stream open");
-                        let r = tokio::io::copy_bidirectional_with_sizes(
-                            &mut tcp,
-                            &mut s,
-                            STREAM_COPY_BUFFER,
-                            STREAM_COPY_BUFFER,
-                        )
-                        .await;
+                        let r = mux::copy_both_ways(&mut tcp, &mut s).await;
                         tracing::debug!(%peer, result = ?r, "stream closed");
                     }
                     Err(e) => tracing::warn!(%peer, error = %e, "cannot open a stream"),
@@ -245,7 +239,7 @@ pub async fn stdio(mut session: OpenSession) -> Result<(), OperatorError> {
     let mut s = session.client.open().await.map_err(local)?;
     let mut io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut io, &mut s, STREAM_COPY_BUFFER, STREAM_COPY_BUFFER) => r.map(|_| ()).map_err(|e| local(e.to_string())),
+        r = mux::copy_both_ways(&mut io, &mut s) => r.map(|_| ()).map_err(|e| local(e.to_string())),
         why = session.closed() => Err(local(why)),
     }
 }

@@ -28,7 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::frames::{Direction, FrameFilter, Plan};
-use crate::ws::{apply_mask, Activity, MAX_MESSAGE_BYTES};
+use crate::ws::{
+    apply_mask, push_header, Activity, MAX_FRAME_PAYLOAD, MAX_MESSAGE_BYTES, OP_BINARY, OP_CLOSE,
+    OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
+};
 
 /// Ciphertext read from a side's socket at once (rustls itself asks for 4 KiB at a time:
 /// a system call each). One per side of a session.
@@ -37,9 +40,6 @@ pub const SOCKET_READ_BUFFER: usize = 64 * 1024;
 /// Plaintext (WebSocket frames) read from a side and not yet passed on: the largest frame
 /// the relay forwards. One per side of a session.
 pub const SESSION_READ_BUFFER: usize = 128 * 1024;
-
-/// Largest WebSocket frame payload a side may send.
-pub const MAX_FRAME_PAYLOAD: u64 = (MAX_MESSAGE_BYTES + 1024) as u64;
 
 /// Pieces (runs of payload between the sender's frame headers) in one forwarded frame: a
 /// sender of many tiny frames gets many forwarded frames, not one long list.
@@ -50,13 +50,6 @@ const FRAMES_PER_TURN: usize = 8;
 
 /// How long closing a finished session's two connections may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xa;
 
 /// A connection the relay serves: the TLS stream the broker accepted.
 pub trait RelayConnection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -198,7 +191,7 @@ impl<S: RelayConnection> Side<S> {
 
     /// Appends a whole, unmasked frame to the small frames for this side.
     fn queue(&mut self, opcode: u8, payload: &[u8]) {
-        push_header(&mut self.out, opcode, payload.len());
+        push_header(&mut self.out, opcode, payload.len(), false);
         self.out.extend_from_slice(payload);
     }
 
@@ -226,20 +219,6 @@ impl<S: RelayConnection> Side<S> {
             self.unflushed = false;
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-/// A frame header (FIN set, unmasked: server to client).
-fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
-    out.push(0x80 | opcode);
-    if len < 126 {
-        out.push(len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
     }
 }
 
@@ -531,7 +510,7 @@ impl Half {
     /// Writes the frame header in front of the pieces.
     fn finish(&self, mut f: Forward, consumed_to: usize) -> Forward {
         let mut head = Vec::with_capacity(10);
-        push_header(&mut head, OP_BINARY, f.payload);
+        push_header(&mut head, OP_BINARY, f.payload, false);
         let start = 10 - head.len();
         f.own[start..10].copy_from_slice(&head);
         f.pieces.insert(0, Piece::Own(start..10));
@@ -776,11 +755,10 @@ mod tests {
     /// Masks `payload` into a client frame.
     fn client_frame(opcode: u8, fin: bool, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
         let mut f = Vec::new();
-        push_header(&mut f, opcode, payload.len());
+        push_header(&mut f, opcode, payload.len(), true);
         if !fin {
             f[0] &= 0x7f;
         }
-        f[1] |= 0x80;
         f.extend_from_slice(&key);
         let start = f.len();
         f.extend_from_slice(payload);

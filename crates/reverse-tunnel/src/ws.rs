@@ -87,20 +87,38 @@ impl Activity {
 
 // -- the client side: WebSocket framing over TLS ------------------------------------------
 
-/// Frame opcodes (RFC 6455 §5.2).
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xa;
+/// Frame opcodes (RFC 6455 §5.2), for both ends: this client and the relay's
+/// [`crate::splice`].
+pub(crate) const OP_CONTINUATION: u8 = 0x0;
+pub(crate) const OP_TEXT: u8 = 0x1;
+pub(crate) const OP_BINARY: u8 = 0x2;
+pub(crate) const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_PING: u8 = 0x9;
+pub(crate) const OP_PONG: u8 = 0xa;
 
 /// Masking keys taken from the operating system's random source at once (one system call
 /// per this many frames).
 const MASK_KEYS_PER_FILL: usize = 64;
 
-/// Largest frame payload a client accepts from the relay (the relay's own limit).
-const MAX_FRAME_PAYLOAD: u64 = (MAX_MESSAGE_BYTES + 1024) as u64;
+/// Largest WebSocket frame payload either side of a session may send: the client accepts
+/// no larger frame from the relay, the relay none from a client.
+pub const MAX_FRAME_PAYLOAD: u64 = (MAX_MESSAGE_BYTES + 1024) as u64;
+
+/// Appends the header of a whole frame (FIN set) of `len` payload bytes; `masked`: a
+/// client's frame, whose masking key the caller appends next.
+pub(crate) fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize, masked: bool) {
+    let mask = if masked { 0x80 } else { 0 };
+    out.push(0x80 | opcode);
+    if len < 126 {
+        out.push(mask | len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.push(mask | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(mask | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
 
 /// What the client is reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,16 +240,7 @@ impl<S> WsClient<S> {
     fn queue_frame_of(&mut self, opcode: u8, a: &[u8], b: &[u8]) {
         let len = a.len() + b.len();
         self.out.reserve(14 + len);
-        self.out.push(0x80 | opcode);
-        if len < 126 {
-            self.out.push(0x80 | len as u8);
-        } else if len <= usize::from(u16::MAX) {
-            self.out.push(0x80 | 126);
-            self.out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            self.out.push(0x80 | 127);
-            self.out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
+        push_header(&mut self.out, opcode, len, true);
         let key = self.mask_key();
         self.out.extend_from_slice(&key);
         let start = self.out.len();

@@ -86,22 +86,7 @@ impl GroupCommit {
         &self,
         records: Vec<NewRecord>,
     ) -> impl Future<Output = Result<Vec<u64>, QueueError>> + Send + 'static {
-        let pending = if records.is_empty() {
-            Ok(None)
-        } else {
-            let (reply, rx) = oneshot::channel();
-            self.send(Submission {
-                records,
-                reply: ReplyTo::Whole(reply),
-            })
-            .map(|()| Some(rx))
-        };
-        async move {
-            match pending? {
-                None => Ok(Vec::new()),
-                Some(rx) => rx.await.unwrap_or(Err(QueueError::Closed)),
-            }
-        }
+        self.queue(records, ReplyTo::Whole)
     }
 
     /// Like [`GroupCommit::submit`], but each record is appended as if it were submitted
@@ -113,19 +98,29 @@ impl GroupCommit {
         &self,
         records: Vec<NewRecord>,
     ) -> impl Future<Output = EachResult> + Send + 'static {
+        self.queue(records, ReplyTo::Each)
+    }
+
+    /// Queues `records` with a reply channel made by `reply_to`; resolves to the reply (an
+    /// empty one for no records, without a round).
+    fn queue<T: Default + Send + 'static>(
+        &self,
+        records: Vec<NewRecord>,
+        reply_to: fn(oneshot::Sender<Result<T, QueueError>>) -> ReplyTo,
+    ) -> impl Future<Output = Result<T, QueueError>> + Send + 'static {
         let pending = if records.is_empty() {
             Ok(None)
         } else {
             let (reply, rx) = oneshot::channel();
             self.send(Submission {
                 records,
-                reply: ReplyTo::Each(reply),
+                reply: reply_to(reply),
             })
             .map(|()| Some(rx))
         };
         async move {
             match pending? {
-                None => Ok(Vec::new()),
+                None => Ok(T::default()),
                 Some(rx) => rx.await.unwrap_or(Err(QueueError::Closed)),
             }
         }
