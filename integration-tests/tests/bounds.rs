@@ -1435,3 +1435,141 @@ async fn client_id_of_another_identity_is_refused_and_owner_keeps_session() {
     a.disconnect().await;
     publ.disconnect().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// 14. park_idle_after_ms: idle plain-TCP connections wait without a task
+
+/// `[metrics]` on a free loopback port, to read `bulwark_connections_parked`.
+const METRICS_ON: &str = "[metrics]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
+
+fn metrics_addr(b: &TestBroker) -> SocketAddr {
+    let v = b
+        .process
+        .wait_log(T, |v| v["message"] == "serving metrics")
+        .unwrap_or_else(|| {
+            panic!(
+                "no \"serving metrics\" line; log:\n{}",
+                b.process.log_text()
+            )
+        });
+    v["addr"].as_str().unwrap().parse().unwrap()
+}
+
+/// One sample of the Prometheus endpoint.
+fn gauge(metrics: SocketAddr, name: &str) -> u64 {
+    let mut s = TcpStream::connect(metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the scrape:\n{text}"))
+}
+
+/// Waits until exactly `n` connections are parked (scrapes polled; the gauge moves when a
+/// connection's idle time runs out).
+fn wait_parked(metrics: SocketAddr, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = gauge(metrics, "bulwark_connections_parked");
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} parked connections, the broker reports {now}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn parked_connections_are_woken_by_deliveries_packets_close_and_takeover() {
+    let b = start_with("park_idle_after_ms = 50", METRICS_ON, false);
+    let metrics = metrics_addr(&b);
+    let addr = b.addr("tcp");
+    let mut sub = Mq::connect_ok(addr, "park-sub");
+    assert_eq!(sub.subscribe(&[("park/#", 1)]), vec![1]);
+    let mut publ = Mq::connect_ok(addr, "park-pub");
+    wait_parked(metrics, 2);
+
+    // A message for a parked subscriber: the publisher's packet and the delivery each
+    // wake a parked connection.
+    publ.publish1("park/1", b"hello", false);
+    let p = sub.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("park/1", &b"hello"[..])
+    );
+    sub.send(&puback_pkt(p.pkid.expect("QoS 1")));
+
+    // A packet on a parked connection is read and answered.
+    wait_parked(metrics, 2);
+    sub.send(&PINGREQ);
+    assert_eq!(sub.expect_pkt("PINGRESP"), Pkt::PingResp);
+
+    // A parked client that goes away without DISCONNECT: its will is published.
+    let (will, ack) = Mq::open(
+        addr,
+        &connect_pkt_full(b"park-will", 60, true, Some("park/will")),
+    );
+    assert_eq!(ack, CONNACK_OK);
+    wait_parked(metrics, 3);
+    drop(will);
+    let p = sub.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("park/will", &b"gone"[..])
+    );
+    b.process.wait_audit(
+        "disconnect",
+        &[("client_id", "park-will"), ("reason", "connection_closed")],
+    );
+
+    // A parked connection whose session is taken over is closed.
+    wait_parked(metrics, 2);
+    let _new = Mq::connect_ok(addr, "park-sub");
+    sub.r.get_ref().set_read_timeout(Some(T)).unwrap();
+    let mut rest = Vec::new();
+    let n = sub.r.read_to_end(&mut rest).unwrap_or(0);
+    assert_eq!(n, 0, "nothing more for the old connection: {}", hex(&rest));
+    b.process.wait_audit(
+        "disconnect",
+        &[("client_id", "park-sub"), ("reason", "session_taken_over")],
+    );
+    publ.send(&DISCONNECT);
+}
+
+#[test]
+fn parked_connections_keep_their_keepalive_and_close_on_shutdown() {
+    let mut b = start_with("park_idle_after_ms = 0", METRICS_ON, false);
+    let metrics = metrics_addr(&b);
+    let addr = b.addr("tcp");
+    // Keepalive 1 s: closed after 1.5 s without a packet, parked or not.
+    let started = Instant::now();
+    let (mut quiet, ack) = Mq::open(addr, &connect_pkt("park-quiet", 1, true));
+    assert_eq!(ack, CONNACK_OK);
+    let mut idle = Mq::connect_ok(addr, "park-idle");
+    wait_parked(metrics, 2);
+    quiet.r.get_ref().set_read_timeout(Some(T)).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(quiet.r.read_to_end(&mut rest).unwrap_or(0), 0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}, before 1.5 keepalive periods"
+    );
+    b.process.wait_audit(
+        "disconnect",
+        &[("client_id", "park-quiet"), ("reason", "keepalive_timeout")],
+    );
+
+    // Shutdown closes parked connections too, and the broker exits cleanly.
+    wait_parked(metrics, 1);
+    let status = b.process.terminate();
+    assert!(status.success(), "{status:?}");
+    idle.r.get_ref().set_read_timeout(Some(T)).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(idle.r.read_to_end(&mut rest).unwrap_or(0), 0);
+}

@@ -222,6 +222,11 @@ pub struct Limits {
     /// Seconds a write to a client may take before the client is considered stuck and
     /// disconnected (a subscriber that stops reading).
     pub write_timeout_secs: u64,
+    /// Milliseconds a plain-TCP connection may be idle (nothing read, nothing to send)
+    /// before it gives up its task and waits in the parking lot, which keeps far less
+    /// memory per connection. A new connection is parked right after CONNACK if it has
+    /// nothing to do. `0` parks whenever a connection is idle.
+    pub park_idle_after_ms: u64,
 }
 
 impl Default for Limits {
@@ -243,11 +248,16 @@ impl Default for Limits {
             max_subscriptions_per_client: 1000,
             max_topic_levels: 32,
             write_timeout_secs: 30,
+            park_idle_after_ms: 1000,
         }
     }
 }
 
 impl Limits {
+    pub fn park_idle_after(&self) -> Duration {
+        Duration::from_millis(self.park_idle_after_ms)
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
     }

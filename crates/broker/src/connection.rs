@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tracing::{field, Instrument};
 
 use crate::config::{ListenerConfig, Transport as TransportKind};
+use crate::park::{Parked, ParkingLot, Signals};
 use crate::router::{attach_refusal, Metrics, Router};
 use crate::session::Message;
 use crate::store::FlushCoordinator;
@@ -34,11 +35,13 @@ pub struct Shared {
     pub abuse: crate::abuse::AbuseGuard,
     /// The tunnel relay, when `[tunnel] enabled = true`.
     pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::BrokerRelay>>,
+    /// Idle plain-TCP connections without a task.
+    pub parking: Arc<ParkingLot<ParkedConnection>>,
 }
 
 /// A listener as the connection tasks see it.
 pub struct ListenerRuntime {
-    pub name: String,
+    pub name: Arc<str>,
     pub config: ListenerConfig,
     pub tls: Option<crate::tls::TlsMaterial>,
 }
@@ -101,7 +104,7 @@ pub struct Accepted {
     pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Serves one accepted TCP connection to its end.
+/// Serves one accepted TCP connection until it ends or is parked.
 pub async fn serve(accepted: Box<Accepted>) {
     let span = tracing::info_span!(
         "conn",
@@ -112,9 +115,9 @@ pub async fn serve(accepted: Box<Accepted>) {
     );
     async move {
         // Set-up (TLS and WebSocket handshakes, CONNECT, authentication, a tunnel relay
-        // session) runs boxed, so the long-lived task of an idle connection holds only
-        // what `run` needs.
-        let (set_up, shutdown, _permit) = {
+        // session) runs boxed, so the long-lived task of a connection holds only what
+        // serving needs.
+        let set_up = {
             let Accepted {
                 shared,
                 listener,
@@ -124,30 +127,117 @@ pub async fn serve(accepted: Box<Accepted>) {
                 shutdown,
                 permit,
             } = *accepted;
-            let set_up = Box::pin(set_up(
-                shared,
-                listener,
-                stream,
-                peer,
-                accepted,
-                shutdown.clone(),
-            ));
-            (set_up, shutdown, permit)
+            Box::pin(set_up(
+                shared, listener, stream, peer, accepted, shutdown, permit,
+            ))
         };
-        // One binding for what set-up leaves: taken apart into new bindings, it would be
-        // kept twice in this task.
-        let Some(mut ready) = set_up.await else {
+        let Some(Ready {
+            mut connection,
+            first,
+        }) = set_up.await
+        else {
             return;
         };
-        let first = std::mem::take(&mut ready.first);
-        let end = ready
-            .connection
-            .run(first, ready.waker.clone(), ready.kick.clone(), shutdown)
-            .await;
-        Box::pin(ready.connection.finish(end)).await;
+        // Boxed: inline, this future would be part of the task for as long as it lives.
+        if let Err(end) = Box::pin(connection.begin(first)).await {
+            return Box::pin(connection.finish(end)).await;
+        }
+        // Most clients are quiet after CONNECT (a gateway publishes every few seconds): a
+        // new plain-TCP connection is parked at once, so that a connection storm does not
+        // leave a task per connection in memory. Whatever arrives wakes it.
+        let park_now = connection.parkable;
+        drive(connection, park_now).await
     }
     .instrument(span)
     .await
+}
+
+/// Serves an established connection until it ends or is parked again; `park_now` parks
+/// it before serving.
+async fn drive(mut connection: Box<Connection>, mut park_now: bool) {
+    loop {
+        let outcome = if std::mem::take(&mut park_now) {
+            Outcome::Park
+        } else {
+            connection.serve_loop().await
+        };
+        let end = match outcome {
+            Outcome::End(end) => end,
+            Outcome::Park => match connection.park() {
+                Parking::Parked => return,
+                Parking::Refused(c) => {
+                    connection = c;
+                    continue;
+                }
+                Parking::Failed(c, end) => {
+                    connection = c;
+                    end
+                }
+            },
+        };
+        return Box::pin(connection.finish(end)).await;
+    }
+}
+
+/// A connection resumed from the parking lot: a new task, with a new span of the same
+/// fields as the one its first task had.
+async fn resumed(mut connection: Box<Connection>) {
+    let span = tracing::info_span!(
+        "conn",
+        peer = %connection.peer,
+        listener = %connection.listener.name,
+        client_id = %connection.client_id.escape_debug(),
+        identity = connection.identity.as_deref().map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+    );
+    async move {
+        if let Err(e) = connection.transport.unpark() {
+            tracing::debug!(error = %e, "could not give a parked connection back to the runtime");
+            return Box::pin(connection.finish(End::Io)).await;
+        }
+        drive(connection, false).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// A connection waiting in the [`ParkingLot`] (see [`crate::park`]).
+pub struct ParkedConnection(Box<Connection>);
+
+impl Parked for ParkedConnection {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.0
+            .transport
+            .parked_fd()
+            .expect("only parked streams are in the lot")
+    }
+    fn signals(&self) -> Arc<Signals> {
+        self.0.signals.clone()
+    }
+    fn deadline(&self) -> Option<std::time::Instant> {
+        self.0
+            .keepalive
+            .map(|k| (self.0.last_activity + k).into_std())
+    }
+    fn resume(self) {
+        tokio::spawn(resumed(self.0));
+    }
+}
+
+/// What an established connection's loop ended with.
+enum Outcome {
+    End(End),
+    /// Idle for `limits.park_idle_after_ms`: park it.
+    Park,
+}
+
+/// What came of an attempt to park.
+enum Parking {
+    Parked,
+    /// The lot parks no more (shutdown) or could not watch the socket: serve on, and do
+    /// not try again.
+    Refused(Box<Connection>),
+    /// The stream was lost on the way.
+    Failed(Box<Connection>, End),
 }
 
 /// Everything from accept to an accepted CONNECT: `None` when the connection ended on the
@@ -159,6 +249,7 @@ async fn set_up(
     peer: SocketAddr,
     accepted: Instant,
     shutdown: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Option<Ready> {
     let deadline = accepted + shared.router.limits().connect_timeout();
     let established =
@@ -190,11 +281,15 @@ async fn set_up(
     Connection::start(
         shared,
         listener,
-        transport,
+        Stream {
+            transport,
+            rbuf,
+            peer,
+            shutdown,
+            permit,
+        },
         connect,
         certificate,
-        rbuf,
-        peer,
     )
     .await
 }
@@ -291,7 +386,7 @@ async fn establish(
     let pre_auth = DecodeLimits {
         max_packet_size: limits.max_connect_packet_size,
     };
-    let mut rbuf = BytesMut::with_capacity(1024);
+    let mut rbuf = BytesMut::with_capacity(crate::transport::SETUP_READ_CHUNK);
     loop {
         if let Some(h) = peek_fixed_header(&rbuf, &pre_auth).map_err(SetupError::Decode)? {
             if h.packet_type != packet_type::CONNECT {
@@ -321,7 +416,7 @@ async fn establish(
             }
         }
         let n = transport
-            .read_into(&mut rbuf)
+            .read_into(&mut rbuf, crate::transport::SETUP_READ_CHUNK)
             .await
             .map_err(SetupError::Io)?;
         if n == 0 {
@@ -354,17 +449,46 @@ async fn send_packets(transport: &mut Transport, packets: &[Packet]) -> std::io:
 
 struct Connection {
     shared: Arc<Shared>,
+    listener: Arc<ListenerRuntime>,
     transport: Transport,
     rbuf: BytesMut,
     client_id: Arc<str>,
     identity: Option<Arc<str>>,
     conn: u64,
     peer: SocketAddr,
-    will: Option<LastWill>,
+    /// Boxed: most clients have none, and this state is kept for every idle connection.
+    will: Option<Box<LastWill>>,
     keepalive: Option<Duration>,
-    decode_limits: DecodeLimits,
+    /// The publish rate limit; `None` for allow-listed addresses or without a limit.
+    rate: Option<Box<RateState>>,
+    signals: Arc<Signals>,
+    shutdown: watch::Receiver<bool>,
+    /// When the client last sent something (keepalive).
+    last_activity: Instant,
+    /// When anything last happened on the connection (parking).
+    last_event: Instant,
+    /// Whether the connection is parked when idle (`limits.park_idle_after_ms`): plain
+    /// TCP only, and not after the lot refused it.
+    parkable: bool,
+    /// The connection's place under `limits.max_connections`, given back at the end.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A rate-limited client's allowance and what it has used since last charged.
+struct RateState {
+    rate: crate::abuse::ClientRate,
     /// PUBLISH packets and payload bytes received since the rate was last charged.
     published: (u64, u64),
+}
+
+/// The stream side of a connection as set-up hands it over.
+struct Stream {
+    transport: Transport,
+    /// Bytes read after CONNECT.
+    rbuf: BytesMut,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What woke an established connection's task.
@@ -375,15 +499,15 @@ enum Event {
     /// Messages were queued for the session.
     Deliveries,
     KeepaliveExpired,
+    /// Nothing happened for `park_after`.
+    Idle,
 }
 
-/// An accepted connection, ready to serve: what set-up leaves behind for [`Connection::run`].
+/// An accepted connection, ready to serve: what set-up leaves behind.
 struct Ready {
-    connection: Connection,
+    connection: Box<Connection>,
     /// CONNACK and what is resent of the session.
     first: Vec<Packet>,
-    waker: Arc<tokio::sync::Notify>,
-    kick: Arc<tokio::sync::Notify>,
 }
 
 /// Why CONNECT was refused, for the audit log.
@@ -403,14 +527,18 @@ impl Connection {
     async fn start(
         shared: Arc<Shared>,
         listener: Arc<ListenerRuntime>,
-        mut transport: Transport,
+        stream: Stream,
         connect: Connect,
         certificate: Option<ClientCertificate>,
-        rbuf: BytesMut,
-        peer: SocketAddr,
     ) -> Option<Ready> {
+        let Stream {
+            mut transport,
+            rbuf,
+            peer,
+            shutdown,
+            permit,
+        } = stream;
         let router = shared.router.clone();
-        let limits = router.limits().clone();
         let span = tracing::Span::current();
         let cert_identity = certificate.as_ref().and_then(|c| c.identity.as_deref());
         let refuse = |code: ConnectReturnCode, identity: Option<&str>, detail: &str| {
@@ -475,9 +603,9 @@ impl Connection {
                 listener: listener.name.clone(),
                 revocation_key: certificate.as_ref().map(|c| c.revocation_key.clone()),
                 via_password,
-                tls_version: transport.tls_version().map(str::to_string),
+                tls_version: transport.tls_version(),
                 connected_at: crate::router::unix_now(),
-                kick: attached.kick.clone(),
+                signals: attached.signals.clone(),
             },
         );
         Metrics::add(&router.metrics.connections_total, 1);
@@ -496,22 +624,37 @@ impl Connection {
             session_present = attached.session_present,
             "client connected"
         );
-        let c = Connection {
+        let now = Instant::now();
+        let parkable = matches!(transport, Transport::Tcp(_));
+        let abuse = shared.abuse.config();
+        let rate = (!shared.abuse.is_allow_listed(peer.ip())
+            && (abuse.messages_per_sec_per_client > 0 || abuse.bytes_per_sec_per_client > 0))
+            .then(|| {
+                Box::new(RateState {
+                    rate: crate::abuse::ClientRate::new(abuse, now.into_std()),
+                    published: (0, 0),
+                })
+            });
+        let c = Box::new(Connection {
             shared: shared.clone(),
+            listener,
             transport,
             rbuf,
             client_id: client_id.clone(),
             identity: identity.clone(),
             conn,
             peer,
-            will: connect.will.clone(),
+            will: connect.will.clone().map(Box::new),
             keepalive: (connect.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
-            decode_limits: DecodeLimits {
-                max_packet_size: limits.max_packet_size,
-            },
-            published: (0, 0),
-        };
+            rate,
+            signals: attached.signals,
+            shutdown,
+            last_activity: now,
+            last_event: now,
+            parkable,
+            _permit: permit,
+        });
         let mut first = vec![Packet::ConnAck(ConnAck {
             session_present: attached.session_present,
             code: ConnectReturnCode::Accepted,
@@ -520,69 +663,73 @@ impl Connection {
         Some(Ready {
             connection: c,
             first,
-            waker: attached.waker,
-            kick: attached.kick,
         })
     }
 
-    async fn run(
-        &mut self,
-        first: Vec<Packet>,
-        waker: Arc<tokio::sync::Notify>,
-        kick: Arc<tokio::sync::Notify>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> End {
+    /// Sends CONNACK, what is resent and what was queued while the client was away, and
+    /// handles packets that arrived together with CONNECT.
+    async fn begin(&mut self, first: Vec<Packet>) -> Result<(), End> {
         let mut out = first;
-        // Whatever was queued while the client was away goes right after CONNACK.
         if self
             .shared
             .router
             .with_session(&self.client_id, self.conn, |s| s.drain_outgoing(&mut out))
             .is_none()
         {
-            return End::TakenOver;
+            return Err(End::TakenOver);
         }
-        // Boxed, like every handling step below: inline, these futures would be part of
-        // the connection's task for as long as it lives (idle memory per connection).
-        if let Err(end) = Box::pin(self.write(&out)).await {
-            return end;
-        }
-        // Packets that arrived together with CONNECT.
+        self.write(&out).await?;
         if !self.rbuf.is_empty() {
-            match Box::pin(self.process_input()).await {
-                Ok(None) => {}
-                Ok(Some(end)) => return end,
-                Err(end) => return end,
+            if let Some(end) = self.process_input().await? {
+                return Err(end);
             }
         }
-        let mut last_activity = Instant::now();
-        let mut rate =
-            crate::abuse::ClientRate::new(self.shared.abuse.config(), std::time::Instant::now());
-        let rate_exempt = self.shared.abuse.is_allow_listed(self.peer.ip());
+        Ok(())
+    }
+
+    /// Reads, handles and writes until the connection ends or has been idle long enough
+    /// to be parked.
+    async fn serve_loop(&mut self) -> Outcome {
         loop {
             // A client publishing faster than its rate is slowed down: nothing more is read
             // from it until its allowance refills.
-            let (msgs, bytes) = std::mem::take(&mut self.published);
-            if !rate_exempt && msgs > 0 {
-                let pause = rate.take(msgs, bytes, std::time::Instant::now());
-                if !pause.is_zero() {
-                    tokio::select! {
-                        _ = shutdown.changed() => return End::Shutdown,
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                    // Time spent paused by the broker does not count against keepalive.
-                    last_activity = Instant::now();
+            let pause = match &mut self.rate {
+                Some(r) if r.published.0 > 0 => {
+                    let (msgs, bytes) = std::mem::take(&mut r.published);
+                    r.rate.take(msgs, bytes, std::time::Instant::now())
                 }
+                _ => Duration::ZERO,
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = self.shutdown.changed() => return Outcome::End(End::Shutdown),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                // Time spent paused by the broker does not count against keepalive.
+                self.last_activity = Instant::now();
             }
-            let ka_deadline = self.keepalive.map(|k| last_activity + k);
+            let ka_deadline = self.keepalive.map(|k| self.last_activity + k);
+            let park_deadline = self
+                .parkable
+                .then(|| self.last_event + self.shared.router.limits().park_idle_after());
+            let timer = match (ka_deadline, park_deadline) {
+                (Some(k), Some(p)) => Some(k.min(p)),
+                (k, p) => k.or(p),
+            };
             // The wait holds only the small futures it selects over; handling what it
             // returned (boxed, on the heap while it runs) is not part of an idle task.
             let event = tokio::select! {
-                _ = shutdown.changed() => Event::Shutdown,
-                _ = kick.notified() => Event::Kicked,
-                r = self.transport.read_into(&mut self.rbuf) => Event::Read(r),
-                _ = waker.notified() => Event::Deliveries,
-                _ = sleep_until_opt(ka_deadline) => Event::KeepaliveExpired,
+                _ = self.shutdown.changed() => Event::Shutdown,
+                _ = self.signals.kick.notified() => Event::Kicked,
+                r = self.transport.read_into(&mut self.rbuf, crate::transport::READ_CHUNK) => Event::Read(r),
+                _ = self.signals.deliveries.notified() => Event::Deliveries,
+                _ = sleep_until_opt(timer) => {
+                    if ka_deadline.is_some_and(|d| d <= Instant::now()) {
+                        Event::KeepaliveExpired
+                    } else {
+                        Event::Idle
+                    }
+                }
             };
             let step = match event {
                 Event::Shutdown => Err(End::Shutdown),
@@ -594,7 +741,8 @@ impl Connection {
                 Event::Read(Ok(0)) => Err(End::ClosedByPeer),
                 Event::Read(Ok(n)) => {
                     Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
-                    last_activity = Instant::now();
+                    self.last_activity = Instant::now();
+                    self.last_event = self.last_activity;
                     match Box::pin(self.process_input()).await {
                         Ok(None) => Ok(()),
                         Ok(Some(end)) | Err(end) => Err(end),
@@ -605,6 +753,7 @@ impl Connection {
                     Err(End::Io)
                 }
                 Event::Deliveries => {
+                    self.last_event = Instant::now();
                     let mut out = Vec::new();
                     match self
                         .shared
@@ -616,9 +765,43 @@ impl Connection {
                     }
                 }
                 Event::KeepaliveExpired => Err(End::KeepaliveTimeout),
+                Event::Idle => return Outcome::Park,
             };
             if let Err(end) = step {
-                return end;
+                return Outcome::End(end);
+            }
+        }
+    }
+
+    /// Hands an idle connection to the parking lot; its task then ends.
+    fn park(mut self: Box<Self>) -> Parking {
+        // A read buffer without a partial packet is not kept while parked.
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        match self.transport.park() {
+            Ok(true) => {}
+            Ok(false) => {
+                self.parkable = false;
+                return Parking::Refused(self);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not take an idle connection out of the runtime");
+                return Parking::Failed(self, End::Io);
+            }
+        }
+        let lot = self.shared.parking.clone();
+        match lot.park(ParkedConnection(self)) {
+            Ok(()) => Parking::Parked,
+            Err(ParkedConnection(mut c)) => {
+                c.parkable = false;
+                match c.transport.unpark() {
+                    Ok(()) => Parking::Refused(c),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not give a connection back to the runtime");
+                        Parking::Failed(c, End::Io)
+                    }
+                }
             }
         }
     }
@@ -630,8 +813,11 @@ impl Connection {
         let mut out = Vec::new();
         let mut wrote = false;
         let mut end = None;
+        let limits = DecodeLimits {
+            max_packet_size: router.limits().max_packet_size,
+        };
         loop {
-            let packet = match decode(&mut self.rbuf, &self.decode_limits) {
+            let packet = match decode(&mut self.rbuf, &limits) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
@@ -727,8 +913,10 @@ impl Connection {
                     return Err(End::Protocol);
                 }
                 Metrics::add(&router.metrics.messages_received, 1);
-                self.published.0 += 1;
-                self.published.1 += p.payload.len() as u64;
+                if let Some(r) = &mut self.rate {
+                    r.published.0 += 1;
+                    r.published.1 += p.payload.len() as u64;
+                }
                 let decision = router
                     .authority()
                     .check_publish(&self.principal(), &p.topic);
@@ -905,7 +1093,7 @@ impl Connection {
         }
     }
 
-    async fn finish(mut self, end: End) {
+    async fn finish(mut self: Box<Self>, end: End) {
         let router = self.shared.router.clone();
         router.unregister_connection(self.conn);
         router.detach(&self.client_id, self.conn);
@@ -931,6 +1119,7 @@ impl Connection {
                 }
                 d.allowed
             }) {
+                let w = *w;
                 tracing::debug!(topic = %w.topic, "publishing will");
                 router.publish(Message {
                     topic: w.topic,
@@ -1194,5 +1383,34 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What an idle connection keeps in memory while parked: its own state, its session
+    /// and its entry among the live connections (`bytes per idle plain connection` in
+    /// BENCHMARKS.md). A field added here is paid for by every idle client.
+    #[test]
+    fn idle_connection_state_stays_small() {
+        let sizes = [
+            ("Connection", std::mem::size_of::<super::Connection>(), 272),
+            (
+                "Session",
+                std::mem::size_of::<crate::session::Session>(),
+                216,
+            ),
+            (
+                "LiveConnection",
+                std::mem::size_of::<crate::router::LiveConnection>(),
+                168,
+            ),
+        ];
+        for (name, size, budget) in sizes {
+            assert!(
+                size <= budget,
+                "{name} is {size} bytes, over its budget of {budget}"
+            );
+        }
     }
 }

@@ -184,8 +184,8 @@ pub fn execute(req: Request, shared: &Shared, listeners: &[Arc<ListenerRuntime>]
                     client_id: c.client_id.to_string(),
                     identity: c.identity.as_deref().map(str::to_string),
                     address: c.peer.to_string(),
-                    listener: c.listener.clone(),
-                    tls_version: c.tls_version.clone(),
+                    listener: c.listener.to_string(),
+                    tls_version: c.tls_version.map(str::to_string),
                     connected_at: c.connected_at,
                 })
                 .collect();

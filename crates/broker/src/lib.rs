@@ -25,6 +25,7 @@ pub mod ctl;
 pub mod doctor;
 pub mod listener;
 pub mod metrics;
+pub mod park;
 pub mod reload;
 pub mod router;
 pub mod session;
@@ -88,6 +89,10 @@ pub struct Broker {
     metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    shared: Arc<Shared>,
+    /// One permit per open connection, out of `limits.max_connections`.
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
     store: Arc<dyn BrokerStore>,
     durability: Option<FlushCoordinator>,
 }
@@ -107,7 +112,7 @@ impl Broker {
                 None => None,
             };
             runtimes.push(connection::ListenerRuntime {
-                name,
+                name: name.into(),
                 config: l.clone(),
                 tls,
             });
@@ -137,12 +142,12 @@ impl Broker {
             let sock = tokio::net::TcpListener::bind(rt.config.bind)
                 .await
                 .map_err(|source| StartError::Bind {
-                    name: rt.name.clone(),
+                    name: rt.name.to_string(),
                     addr: rt.config.bind,
                     source,
                 })?;
             let addr = sock.local_addr().map_err(|source| StartError::Bind {
-                name: rt.name.clone(),
+                name: rt.name.to_string(),
                 addr: rt.config.bind,
                 source,
             })?;
@@ -197,6 +202,9 @@ impl Broker {
             durability: durability.clone(),
             abuse,
             tunnel: std::sync::OnceLock::new(),
+            parking: park::ParkingLot::start().map_err(|e| {
+                StartError::Config(format!("could not start the idle-connection thread: {e}"))
+            })?,
         });
         if config.tunnel.enabled {
             let relay = tunnel::start(&shared, config.tunnel.clone());
@@ -255,6 +263,9 @@ impl Broker {
             metrics_addr,
             shutdown,
             tasks,
+            shared,
+            connections: conns,
+            max_connections: config.limits.max_connections,
             store,
             durability,
         })
@@ -278,7 +289,13 @@ impl Broker {
     /// sessions offline and flush the store.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        // Parked connections get a task again, see the shutdown and close.
+        self.shared.parking.close();
         while self.tasks.join_next().await.is_some() {}
+        // Connections resumed from the parking lot run outside the listeners' task sets;
+        // each holds a permit until it has closed.
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let _ = self.connections.acquire_many(all).await;
         self.router.detach_all();
         if let Some(d) = &self.durability {
             d.durable().await;

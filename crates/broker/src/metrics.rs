@@ -125,6 +125,8 @@ pub struct Figures {
     pub audit: Vec<(String, u64)>,
     /// Tunnel sessions waiting or open; `None` without a relay.
     pub tunnel_sessions: Option<usize>,
+    /// Idle connections waiting in the parking lot, without a task.
+    pub connections_parked: u64,
 }
 
 impl Figures {
@@ -146,6 +148,7 @@ impl Figures {
             router: router.stats(),
             audit: crate::audit::counts().snapshot(),
             tunnel_sessions: None,
+            connections_parked: 0,
         }
     }
 
@@ -153,6 +156,7 @@ impl Figures {
     pub fn of(shared: &Shared) -> Figures {
         let mut f = Figures::collect(&shared.router);
         f.tunnel_sessions = shared.tunnel.get().map(|r| r.session_count());
+        f.connections_parked = shared.parking.len() as u64;
         f
     }
 }
@@ -212,7 +216,7 @@ pub fn render(f: &Figures) -> String {
             n as u64,
         ));
     }
-    let plain: [(&str, Kind, &str, u64); 20] = [
+    let plain: [(&str, Kind, &str, u64); 21] = [
         (
             "bulwark_uptime_seconds",
             Gauge,
@@ -224,6 +228,12 @@ pub fn render(f: &Figures) -> String {
             Gauge,
             "MQTT clients connected now.",
             f.clients_connected,
+        ),
+        (
+            "bulwark_connections_parked",
+            Gauge,
+            "Connected clients idle long enough (limits.park_idle_after_ms) to wait without a task.",
+            f.connections_parked,
         ),
         (
             "bulwark_connections_total",
@@ -555,6 +565,7 @@ mod tests {
             },
             audit: vec![("auth_failure".into(), 2), ("we\"ird\\".into(), 1)],
             tunnel_sessions: Some(1),
+            connections_parked: 1,
         }
     }
 
@@ -575,6 +586,8 @@ mod tests {
             "bulwark_connections_total 5",
             "# TYPE bulwark_clients_connected gauge",
             "bulwark_clients_connected 2",
+            "# TYPE bulwark_connections_parked gauge",
+            "bulwark_connections_parked 1",
             "bulwark_bytes_received_total 300",
             "bulwark_queued_messages 4",
             "bulwark_sessions_persistent 1",

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::park::Signals;
 use bulwark_protocol::acl::Principal;
 use bulwark_protocol::{
     ConnectReturnCode, Packet, QoS, SubscribeReturnCode, SubscriptionTrie, TopicFilter, TopicName,
 };
-use tokio::sync::Notify;
 
 use crate::auth::Authority;
 use crate::config::Limits;
@@ -128,8 +128,7 @@ pub enum AttachError {
 #[derive(Debug)]
 pub struct Attached {
     pub session_present: bool,
-    pub waker: Arc<Notify>,
-    pub kick: Arc<Notify>,
+    pub signals: Arc<Signals>,
     /// Packets to resend first (resumed in-flight messages).
     pub resend: Vec<Packet>,
 }
@@ -140,15 +139,16 @@ pub struct LiveConnection {
     pub client_id: Arc<str>,
     pub identity: Option<Arc<str>>,
     pub peer: std::net::SocketAddr,
-    pub listener: String,
+    pub listener: Arc<str>,
     /// Issuer and serial of the client certificate, for revocation.
     pub revocation_key: Option<crate::tls::RevokedKey>,
     /// Authenticated with a password (so removing the user cuts it off).
     pub via_password: bool,
-    pub tls_version: Option<String>,
+    pub tls_version: Option<&'static str>,
     /// Unix seconds.
     pub connected_at: u64,
-    pub kick: Arc<Notify>,
+    /// The connection's signals (kick it with `kick`).
+    pub signals: Arc<Signals>,
 }
 
 /// Shared broker state. Cheap to reach from every connection task through an `Arc`.
@@ -315,7 +315,7 @@ impl Router {
                 return Err(AttachError::OwnedByAnotherIdentity);
             }
             if existing.connection.is_some() {
-                existing.kick.notify_one();
+                existing.signals.kick.notify();
             }
         }
         let resume = !clean_session && st.sessions.get(client_id).is_some_and(|s| s.persistent);
@@ -331,9 +331,11 @@ impl Router {
             );
         }
         let s = st.sessions.get_mut(client_id).expect("inserted above");
-        // A fresh kick notifier, so a kick meant for the previous connection cannot
-        // reach this one.
-        s.kick = Arc::new(Notify::new());
+        // Fresh signals (a new session has them already), so that a kick meant for the
+        // previous connection cannot reach this one.
+        if resume {
+            s.signals = Arc::default();
+        }
         s.connection = Some(conn);
         s.disconnected_at = 0;
         if s.persistent {
@@ -343,8 +345,7 @@ impl Router {
         }
         Ok(Attached {
             session_present: resume,
-            waker: s.waker.clone(),
-            kick: s.kick.clone(),
+            signals: s.signals.clone(),
             resend: s.resend_inflight(),
         })
     }
@@ -459,7 +460,7 @@ impl Router {
                     wrote = true;
                 }
                 if s.is_online() {
-                    s.waker.notify_one();
+                    s.signals.deliveries.notify();
                 }
                 wrote
             }
@@ -704,7 +705,7 @@ impl Router {
             .map(|c| LiveConnection::clone(c))
             .collect();
         for c in &kicked {
-            c.kick.notify_one();
+            c.signals.kick.notify();
         }
         kicked
     }

@@ -19,6 +19,15 @@ pub enum Transport {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
     Wss(Box<WebSocketStream<TlsStream<TcpStream>>>),
+    /// A plain TCP connection parked without a task ([`crate::park`]): out of the
+    /// runtime's reactor until [`Transport::unpark`].
+    Parked(std::net::TcpStream),
+    /// The stream was lost while changing hands (parking failed).
+    Gone,
+}
+
+fn not_in_runtime() -> io::Error {
+    io::Error::other("the connection is parked or gone; it has no stream in the runtime")
 }
 
 impl std::fmt::Debug for Transport {
@@ -27,6 +36,8 @@ impl std::fmt::Debug for Transport {
             Transport::Tcp(_) => "Transport::Tcp",
             Transport::Tls(_) => "Transport::Tls",
             Transport::Wss(_) => "Transport::Wss",
+            Transport::Parked(_) => "Transport::Parked",
+            Transport::Gone => "Transport::Gone",
         })
     }
 }
@@ -100,13 +111,17 @@ pub async fn accept_websocket(
     })
 }
 
-/// Bytes a read may fill at once: large enough that a busy publisher's packets arrive in
-/// few system calls.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes a read may fill at once on an established connection: large enough that a busy
+/// publisher's packets arrive in few system calls.
+pub const READ_CHUNK: usize = 16 * 1024;
 
-fn reserve_for_read(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+/// Bytes a read may fill at once before CONNECT is complete: a CONNECT is small, and a
+/// connection storm should not allocate a large buffer per connection.
+pub const SETUP_READ_CHUNK: usize = 1024;
+
+fn reserve_for_read(buf: &mut BytesMut, chunk: usize) {
+    if buf.capacity() - buf.len() < chunk / 4 {
+        buf.reserve(chunk);
     }
 }
 
@@ -125,7 +140,7 @@ impl Transport {
     /// "TLSv1.3", "TLSv1.2", or `None` for plain TCP.
     pub fn tls_version(&self) -> Option<&'static str> {
         let conn = match self {
-            Transport::Tcp(_) => return None,
+            Transport::Tcp(_) | Transport::Parked(_) | Transport::Gone => return None,
             Transport::Tls(s) => s.get_ref().1,
             Transport::Wss(ws) => ws.get_ref().get_ref().1,
         };
@@ -141,11 +156,13 @@ impl Transport {
     /// An idle connection holds no read buffer: when nothing is waiting to be read and
     /// `buf` holds no partial packet, its memory is given back before waiting for the
     /// socket to become readable. A busy connection keeps its buffer between reads.
-    pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    /// `chunk`: how much room to make in `buf` when it is nearly full ([`READ_CHUNK`],
+    /// [`SETUP_READ_CHUNK`]).
+    pub async fn read_into(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         use futures_util::FutureExt as _;
         match self {
             Transport::Tcp(s) => loop {
-                reserve_for_read(buf);
+                reserve_for_read(buf, chunk);
                 match s.try_read_buf(buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         release_if_empty(buf);
@@ -158,7 +175,7 @@ impl Transport {
                 }
             },
             Transport::Tls(s) => loop {
-                reserve_for_read(buf);
+                reserve_for_read(buf, chunk);
                 // One poll: decrypted bytes already held by rustls, or what the socket has.
                 if let Some(r) = s.read_buf(buf).now_or_never() {
                     return r;
@@ -190,6 +207,40 @@ impl Transport {
                     Some(Ok(_)) => {}
                 }
             },
+            Transport::Parked(_) | Transport::Gone => Err(not_in_runtime()),
+        }
+    }
+
+    /// Takes a plain TCP stream out of the runtime's reactor, for the parking lot.
+    /// `Ok(false)`: not plain TCP, stays as it is.
+    pub fn park(&mut self) -> io::Result<bool> {
+        if !matches!(self, Transport::Tcp(_)) {
+            return Ok(false);
+        }
+        let Transport::Tcp(s) = std::mem::replace(self, Transport::Gone) else {
+            unreachable!("checked above");
+        };
+        *self = Transport::Parked(s.into_std()?);
+        Ok(true)
+    }
+
+    /// Gives a parked stream back to the runtime's reactor. Must run inside the runtime.
+    pub fn unpark(&mut self) -> io::Result<()> {
+        if let Transport::Parked(_) = self {
+            let Transport::Parked(s) = std::mem::replace(self, Transport::Gone) else {
+                unreachable!("checked above");
+            };
+            *self = Transport::Tcp(TcpStream::from_std(s)?);
+        }
+        Ok(())
+    }
+
+    /// The socket of a parked connection.
+    pub fn parked_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Transport::Parked(s) => Some(s.as_raw_fd()),
+            _ => None,
         }
     }
 
@@ -205,6 +256,7 @@ impl Transport {
                 .send(Message::Binary(bytes::Bytes::copy_from_slice(data)))
                 .await
                 .map_err(ws_err),
+            Transport::Parked(_) | Transport::Gone => Err(not_in_runtime()),
         }
     }
 
@@ -214,6 +266,8 @@ impl Transport {
             Transport::Tcp(s) => s.shutdown().await,
             Transport::Tls(s) => s.shutdown().await,
             Transport::Wss(ws) => (**ws).close(None).await.map_err(ws_err),
+            Transport::Parked(s) => s.shutdown(std::net::Shutdown::Both),
+            Transport::Gone => Ok(()),
         };
     }
 }
