@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::{field, Instrument};
 
 use crate::config::{ListenerConfig, Transport as TransportKind};
-use crate::park::{Parked, ParkingLot, Signals};
+use crate::park::{Parked, ParkingLot, Signals, Wakeup};
 use crate::router::{attach_refusal, Metrics, Router};
 use crate::session::Message;
 use crate::store::FlushCoordinator;
@@ -145,7 +145,7 @@ pub async fn serve(accepted: Box<Accepted>) {
         // Most clients are quiet after CONNECT (a gateway publishes every few seconds): a
         // new plain-TCP connection is parked at once, so that a connection storm does not
         // leave a task per connection in memory. Whatever arrives wakes it.
-        let park_now = connection.parkable;
+        let park_now = connection.idle_since.is_some();
         drive(connection, park_now).await
     }
     .instrument(span)
@@ -185,7 +185,7 @@ async fn resumed(mut connection: Box<Connection>) {
     let span = tracing::info_span!(
         "conn",
         peer = %connection.peer,
-        listener = %connection.listener.name,
+        listener = %connection.shared.router.listener_of(connection.conn).unwrap_or_default(),
         client_id = %connection.client_id.escape_debug(),
         identity = connection.identity.as_deref().map(|i| i.escape_debug().to_string()).unwrap_or_default(),
     );
@@ -215,7 +215,7 @@ impl Parked for ParkedConnection {
     }
     fn deadline(&self) -> Option<std::time::Instant> {
         self.0
-            .keepalive
+            .keepalive()
             .map(|k| (self.0.last_activity + k).into_std())
     }
     fn resume(self) {
@@ -258,7 +258,7 @@ async fn set_up(
         Ok(Ok(Setup::Mqtt(e))) => e,
         Ok(Ok(Setup::Tunnel(ws, identity))) => {
             if let Some(relay) = shared.tunnel.get() {
-                relay.clone().serve(*ws, identity, peer, shutdown).await;
+                Box::pin(relay.clone().serve(*ws, identity, peer, shutdown)).await;
             }
             return None;
         }
@@ -349,9 +349,10 @@ async fn establish(
     let limits = shared.router.limits();
     let (mut transport, certificate) = match (&listener.tls, listener.config.transport) {
         (Some(material), kind) => {
-            let tls = material
-                .acceptor()
-                .accept(stream)
+            // Boxed, like the WebSocket upgrade below: a TLS handshake's state is large,
+            // and inline it would be part of every connection's set-up, plain TCP too (a
+            // connection storm allocates one set-up per connection at once).
+            let tls = Box::pin(material.acceptor().accept(stream))
                 .await
                 .map_err(SetupError::Tls)?;
             let certificate = tls
@@ -367,9 +368,14 @@ async fn establish(
                 } else {
                     0
                 });
-                match accept_websocket(tls, &listener.config.ws_path, max, relay.is_some())
-                    .await
-                    .map_err(SetupError::WebSocket)?
+                match Box::pin(accept_websocket(
+                    tls,
+                    &listener.config.ws_path,
+                    max,
+                    relay.is_some(),
+                ))
+                .await
+                .map_err(SetupError::WebSocket)?
                 {
                     Upgraded::Mqtt(t) => t,
                     Upgraded::Tunnel(ws) => {
@@ -449,7 +455,6 @@ async fn send_packets(transport: &mut Transport, packets: &[Packet]) -> std::io:
 
 struct Connection {
     shared: Arc<Shared>,
-    listener: Arc<ListenerRuntime>,
     transport: Transport,
     rbuf: BytesMut,
     client_id: Arc<str>,
@@ -458,18 +463,18 @@ struct Connection {
     peer: SocketAddr,
     /// Boxed: most clients have none, and this state is kept for every idle connection.
     will: Option<Box<LastWill>>,
-    keepalive: Option<Duration>,
+    /// 1.5 times the keepalive the client asked for, in milliseconds; 0: none.
+    keepalive_ms: u32,
     /// The publish rate limit; `None` for allow-listed addresses or without a limit.
     rate: Option<Box<RateState>>,
     signals: Arc<Signals>,
     shutdown: watch::Receiver<bool>,
     /// When the client last sent something (keepalive).
     last_activity: Instant,
-    /// When anything last happened on the connection (parking).
-    last_event: Instant,
-    /// Whether the connection is parked when idle (`limits.park_idle_after_ms`): plain
-    /// TCP only, and not after the lot refused it.
-    parkable: bool,
+    /// When anything last happened on the connection, for parking after
+    /// `limits.park_idle_after_ms`; `None`: never parked (TLS, WebSocket, or the lot
+    /// refused it).
+    idle_since: Option<Instant>,
     /// The connection's place under `limits.max_connections`, given back at the end.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -601,7 +606,9 @@ impl Connection {
                 identity: identity.clone(),
                 peer,
                 listener: listener.name.clone(),
-                revocation_key: certificate.as_ref().map(|c| c.revocation_key.clone()),
+                revocation_key: certificate
+                    .as_ref()
+                    .map(|c| Box::new(c.revocation_key.clone())),
                 via_password,
                 tls_version: transport.tls_version(),
                 connected_at: crate::router::unix_now(),
@@ -625,7 +632,7 @@ impl Connection {
             "client connected"
         );
         let now = Instant::now();
-        let parkable = matches!(transport, Transport::Tcp(_));
+        let idle_since = matches!(transport, Transport::Tcp(_)).then_some(now);
         let abuse = shared.abuse.config();
         let rate = (!shared.abuse.is_allow_listed(peer.ip())
             && (abuse.messages_per_sec_per_client > 0 || abuse.bytes_per_sec_per_client > 0))
@@ -637,7 +644,6 @@ impl Connection {
             });
         let c = Box::new(Connection {
             shared: shared.clone(),
-            listener,
             transport,
             rbuf,
             client_id: client_id.clone(),
@@ -645,14 +651,12 @@ impl Connection {
             conn,
             peer,
             will: connect.will.clone().map(Box::new),
-            keepalive: (connect.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
+            keepalive_ms: u32::from(connect.keep_alive) * 1500,
             rate,
             signals: attached.signals,
             shutdown,
             last_activity: now,
-            last_event: now,
-            parkable,
+            idle_since,
             _permit: permit,
         });
         let mut first = vec![Packet::ConnAck(ConnAck {
@@ -708,10 +712,10 @@ impl Connection {
                 // Time spent paused by the broker does not count against keepalive.
                 self.last_activity = Instant::now();
             }
-            let ka_deadline = self.keepalive.map(|k| self.last_activity + k);
+            let ka_deadline = self.keepalive().map(|k| self.last_activity + k);
             let park_deadline = self
-                .parkable
-                .then(|| self.last_event + self.shared.router.limits().park_idle_after());
+                .idle_since
+                .map(|t| t + self.shared.router.limits().park_idle_after());
             let timer = match (ka_deadline, park_deadline) {
                 (Some(k), Some(p)) => Some(k.min(p)),
                 (k, p) => k.or(p),
@@ -720,9 +724,9 @@ impl Connection {
             // returned (boxed, on the heap while it runs) is not part of an idle task.
             let event = tokio::select! {
                 _ = self.shutdown.changed() => Event::Shutdown,
-                _ = self.signals.kick.notified() => Event::Kicked,
+                _ = self.signals.notified(Wakeup::Kick) => Event::Kicked,
                 r = self.transport.read_into(&mut self.rbuf, crate::transport::READ_CHUNK) => Event::Read(r),
-                _ = self.signals.deliveries.notified() => Event::Deliveries,
+                _ = self.signals.notified(Wakeup::Deliveries) => Event::Deliveries,
                 _ = sleep_until_opt(timer) => {
                     if ka_deadline.is_some_and(|d| d <= Instant::now()) {
                         Event::KeepaliveExpired
@@ -742,7 +746,9 @@ impl Connection {
                 Event::Read(Ok(n)) => {
                     Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
                     self.last_activity = Instant::now();
-                    self.last_event = self.last_activity;
+                    if let Some(t) = &mut self.idle_since {
+                        *t = self.last_activity;
+                    }
                     match Box::pin(self.process_input()).await {
                         Ok(None) => Ok(()),
                         Ok(Some(end)) | Err(end) => Err(end),
@@ -753,7 +759,9 @@ impl Connection {
                     Err(End::Io)
                 }
                 Event::Deliveries => {
-                    self.last_event = Instant::now();
+                    if let Some(t) = &mut self.idle_since {
+                        *t = Instant::now();
+                    }
                     let mut out = Vec::new();
                     match self
                         .shared
@@ -782,7 +790,7 @@ impl Connection {
         match self.transport.park() {
             Ok(true) => {}
             Ok(false) => {
-                self.parkable = false;
+                self.idle_since = None;
                 return Parking::Refused(self);
             }
             Err(e) => {
@@ -794,7 +802,7 @@ impl Connection {
         match lot.park(ParkedConnection(self)) {
             Ok(()) => Parking::Parked,
             Err(ParkedConnection(mut c)) => {
-                c.parkable = false;
+                c.idle_since = None;
                 match c.transport.unpark() {
                     Ok(()) => Parking::Refused(c),
                     Err(e) => {
@@ -861,6 +869,11 @@ impl Connection {
             }
         }
         self.write(&out).await
+    }
+
+    /// How long the connection may stay silent (1.5 times its keepalive).
+    fn keepalive(&self) -> Option<Duration> {
+        (self.keepalive_ms > 0).then(|| Duration::from_millis(u64::from(self.keepalive_ms)))
     }
 
     fn principal(&self) -> bulwark_protocol::acl::Principal<'_> {
@@ -1394,7 +1407,7 @@ mod tests {
     #[test]
     fn idle_connection_state_stays_small() {
         let sizes = [
-            ("Connection", std::mem::size_of::<super::Connection>(), 272),
+            ("Connection", std::mem::size_of::<super::Connection>(), 248),
             (
                 "Session",
                 std::mem::size_of::<crate::session::Session>(),
@@ -1403,7 +1416,7 @@ mod tests {
             (
                 "LiveConnection",
                 std::mem::size_of::<crate::router::LiveConnection>(),
-                168,
+                120,
             ),
         ];
         for (name, size, budget) in sizes {

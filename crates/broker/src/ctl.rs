@@ -185,7 +185,7 @@ pub fn execute(req: Request, shared: &Shared, listeners: &[Arc<ListenerRuntime>]
                     identity: c.identity.as_deref().map(str::to_string),
                     address: c.peer.to_string(),
                     listener: c.listener.to_string(),
-                    tls_version: c.tls_version.map(str::to_string),
+                    tls_version: c.tls_version.map(|v| v.as_str().to_string()),
                     connected_at: c.connected_at,
                 })
                 .collect();

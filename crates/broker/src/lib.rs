@@ -101,6 +101,10 @@ impl Broker {
     /// Opens the store, binds every listener and starts serving. Nothing is served if any
     /// listener fails to bind or any TLS material is unusable.
     pub async fn start(config: Config) -> Result<Broker, StartError> {
+        // Registered first, before any listener is bound and announced, so that an early
+        // SIGHUP (a reload right after start) cannot take the default action of
+        // terminating the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut runtimes = Vec::new();
         for l in &config.listeners {
             let name = l.display_name();
@@ -247,9 +251,6 @@ impl Broker {
                 shutdown_rx.clone(),
             ));
         }
-        // Registered here, before anything is served, so an early SIGHUP cannot take the
-        // default action (terminating the process).
-        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tasks.spawn(reload::run(
             runtimes,
             router.clone(),

@@ -11,12 +11,12 @@
 //! session is taken over or kicked, its keepalive runs out, or the broker shuts down.
 //! Then it gets a task again and carries on where it left off.
 //!
-//! [`Signal`] is the wake-up a connection waits on (deliveries, kick). It works with any
+//! [`Signals`] are the wake-ups a connection waits on (deliveries, kick). It works with any
 //! waker, so the same signal wakes a running connection task or a parked connection.
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -25,60 +25,61 @@ use futures_util::task::AtomicWaker;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 
-/// A wake-up with one stored permit, like `tokio::sync::Notify::notify_one`, that keeps
-/// at most one waker: the connection's task while it runs, the parking lot while the
-/// connection is parked.
+/// What a connection waits for besides its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Wakeup {
+    /// Messages were queued for the session.
+    Deliveries = 1,
+    /// The session was taken over, or the connection is to be closed.
+    Kick = 2,
+}
+
+/// The wake-ups of one connection, each with one stored permit (like
+/// `tokio::sync::Notify::notify_one`), and one waker: the connection's task while it runs,
+/// the parking lot while it is parked. One per attachment of a connection to its session:
+/// a takeover gives the new connection new signals, so that a kick meant for the old one
+/// cannot reach it.
 #[derive(Debug, Default)]
-pub struct Signal {
-    set: AtomicBool,
+pub struct Signals {
+    set: AtomicU8,
     waker: AtomicWaker,
 }
 
-impl Signal {
-    pub fn new() -> Signal {
-        Signal::default()
-    }
-
-    /// Sets the permit and wakes whoever waits.
-    pub fn notify(&self) {
-        self.set.store(true, Ordering::Release);
+impl Signals {
+    /// Sets the permit of `w` and wakes whoever waits.
+    pub fn notify(&self, w: Wakeup) {
+        self.set.fetch_or(w as u8, Ordering::Release);
         self.waker.wake();
     }
 
-    /// Takes the permit, or registers the task to be woken when it is set.
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.set.swap(false, Ordering::AcqRel) {
+    fn take(&self, w: Wakeup) -> bool {
+        self.set.fetch_and(!(w as u8), Ordering::AcqRel) & w as u8 != 0
+    }
+
+    /// Takes the permit of `w`, or registers the task to be woken when a permit is set.
+    pub fn poll_take(&self, w: Wakeup, cx: &mut Context<'_>) -> Poll<()> {
+        if self.take(w) {
             return Poll::Ready(());
         }
         self.waker.register(cx.waker());
-        if self.set.swap(false, Ordering::AcqRel) {
+        if self.take(w) {
             Poll::Ready(())
         } else {
             Poll::Pending
         }
     }
 
-    /// Completes when the permit is set (and takes it).
-    pub async fn notified(&self) {
-        std::future::poll_fn(|cx| self.poll_take(cx)).await
+    /// Completes when the permit of `w` is set (and takes it).
+    pub async fn notified(&self, w: Wakeup) {
+        std::future::poll_fn(|cx| self.poll_take(w, cx)).await
     }
 
-    /// Registers `waker` without taking the permit; `true` if the permit is set.
+    /// Registers `waker` without taking a permit; `true` if any permit is set.
     fn watch(&self, waker: &Waker) -> bool {
         self.waker.register(waker);
-        self.set.load(Ordering::Acquire)
+        self.set.load(Ordering::Acquire) != 0
     }
-}
-
-/// What a connection waits on besides its socket. One per attachment of a connection to
-/// its session: a takeover gives the new connection new signals, so that a kick meant for
-/// the old one cannot reach it.
-#[derive(Debug, Default)]
-pub struct Signals {
-    /// Messages were queued for the session.
-    pub deliveries: Signal,
-    /// The session was taken over, or the connection is to be closed.
-    pub kick: Signal,
 }
 
 /// What the parking lot keeps of a parked connection.
@@ -198,7 +199,7 @@ impl<P: Parked> ParkingLot<P> {
         }
         // Outside the lock: registering a waker may wake it at once (a concurrent notify),
         // and waking unparks, which takes the lock.
-        let signalled = signals.deliveries.watch(&waker) | signals.kick.watch(&waker);
+        let signalled = signals.watch(&waker);
         // A signal set before its waker was ours: resume at once. Readiness that came
         // before the registration is reported by epoll itself.
         if signalled || self.closed.load(Ordering::Acquire) {
@@ -372,12 +373,12 @@ mod tests {
 
         c1.write_all(b"x").unwrap();
         assert_eq!(rx.recv().await, Some("data"));
-        sig_b.kick.notify();
+        sig_b.notify(Wakeup::Kick);
         assert_eq!(rx.recv().await, Some("signal"));
         assert_eq!(rx.recv().await, Some("deadline"));
         assert_eq!(lot.len(), 1);
         // A second wake of an already resumed connection does nothing.
-        sig_b.deliveries.notify();
+        sig_b.notify(Wakeup::Deliveries);
         lot.close();
         assert_eq!(rx.recv().await, Some("close"));
         assert!(lot.is_empty());
@@ -392,15 +393,16 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (s, _c) = pair();
         let (p, sig) = conn(s, &tx, "early", None);
-        sig.deliveries.notify();
+        sig.notify(Wakeup::Deliveries);
         assert!(lot.park(p).is_ok());
         assert_eq!(rx.recv().await, Some("early"));
         assert!(lot.is_empty());
         // The permit is still there for the resumed task to take.
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        assert!(sig.deliveries.poll_take(&mut cx).is_ready());
-        assert!(sig.deliveries.poll_take(&mut cx).is_pending());
+        assert!(sig.poll_take(Wakeup::Kick, &mut cx).is_pending());
+        assert!(sig.poll_take(Wakeup::Deliveries, &mut cx).is_ready());
+        assert!(sig.poll_take(Wakeup::Deliveries, &mut cx).is_pending());
     }
 
     #[tokio::test]

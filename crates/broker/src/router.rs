@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::park::Signals;
+use crate::park::{Signals, Wakeup};
 use bulwark_protocol::acl::Principal;
 use bulwark_protocol::{
     ConnectReturnCode, Packet, QoS, SubscribeReturnCode, SubscriptionTrie, TopicFilter, TopicName,
@@ -141,10 +141,11 @@ pub struct LiveConnection {
     pub peer: std::net::SocketAddr,
     pub listener: Arc<str>,
     /// Issuer and serial of the client certificate, for revocation.
-    pub revocation_key: Option<crate::tls::RevokedKey>,
+    /// Boxed: plain-TCP and password clients have none.
+    pub revocation_key: Option<Box<crate::tls::RevokedKey>>,
     /// Authenticated with a password (so removing the user cuts it off).
     pub via_password: bool,
-    pub tls_version: Option<&'static str>,
+    pub tls_version: Option<crate::transport::TlsVersion>,
     /// Unix seconds.
     pub connected_at: u64,
     /// The connection's signals (kick it with `kick`).
@@ -315,7 +316,7 @@ impl Router {
                 return Err(AttachError::OwnedByAnotherIdentity);
             }
             if existing.connection.is_some() {
-                existing.signals.kick.notify();
+                existing.signals.notify(Wakeup::Kick);
             }
         }
         let resume = !clean_session && st.sessions.get(client_id).is_some_and(|s| s.persistent);
@@ -460,7 +461,7 @@ impl Router {
                     wrote = true;
                 }
                 if s.is_online() {
-                    s.signals.deliveries.notify();
+                    s.signals.notify(Wakeup::Deliveries);
                 }
                 wrote
             }
@@ -670,6 +671,11 @@ impl Router {
         self.live().insert(conn, Box::new(live));
     }
 
+    /// The listener a live connection came in on.
+    pub fn listener_of(&self, conn: u64) -> Option<Arc<str>> {
+        self.live().get(&conn).map(|c| c.listener.clone())
+    }
+
     pub fn unregister_connection(&self, conn: u64) {
         self.live().remove(&conn);
     }
@@ -705,7 +711,7 @@ impl Router {
             .map(|c| LiveConnection::clone(c))
             .collect();
         for c in &kicked {
-            c.signals.kick.notify();
+            c.signals.notify(Wakeup::Kick);
         }
         kicked
     }

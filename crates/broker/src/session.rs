@@ -79,6 +79,48 @@ pub enum QueueChange {
     Remove { seq: u64 },
 }
 
+/// A session's subscriptions by filter. Eight bytes and no allocation while there are
+/// none: many clients (gateways that only publish) never subscribe, and every idle
+/// connection keeps its session in memory.
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)] // the box keeps an empty map's 48 bytes out of the session
+pub struct Subscriptions(Option<Box<HashMap<TopicFilter, QoS>>>);
+
+impl Subscriptions {
+    pub fn insert(&mut self, filter: TopicFilter, qos: QoS) -> Option<QoS> {
+        self.0.get_or_insert_default().insert(filter, qos)
+    }
+
+    pub fn remove(&mut self, filter: &TopicFilter) -> Option<QoS> {
+        let map = self.0.as_mut()?;
+        let removed = map.remove(filter);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        removed
+    }
+
+    pub fn contains_key(&self, filter: &TopicFilter) -> bool {
+        self.0.as_ref().is_some_and(|m| m.contains_key(filter))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&TopicFilter, &QoS)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &TopicFilter> {
+        self.iter().map(|(f, _)| f)
+    }
+}
+
 #[derive(Debug)]
 pub struct Session {
     pub client_id: Arc<str>,
@@ -86,7 +128,7 @@ pub struct Session {
     pub identity: Option<Arc<str>>,
     /// Kept after the client goes away (CONNECT with clean session 0).
     pub persistent: bool,
-    pub subscriptions: HashMap<TopicFilter, QoS>,
+    pub subscriptions: Subscriptions,
     /// The live connection, if any.
     pub connection: Option<u64>,
     /// Unix seconds when the client went away; 0 while connected.
@@ -113,7 +155,7 @@ impl Session {
             client_id,
             identity,
             persistent,
-            subscriptions: HashMap::new(),
+            subscriptions: Subscriptions::default(),
             connection: None,
             disconnected_at: 0,
             signals: Arc::default(),

@@ -136,18 +136,36 @@ fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// The TLS protocol version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+    Other,
+}
+
+impl TlsVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "TLSv1.2",
+            TlsVersion::Tls13 => "TLSv1.3",
+            TlsVersion::Other => "other",
+        }
+    }
+}
+
 impl Transport {
-    /// "TLSv1.3", "TLSv1.2", or `None` for plain TCP.
-    pub fn tls_version(&self) -> Option<&'static str> {
+    /// The TLS version, or `None` for plain TCP.
+    pub fn tls_version(&self) -> Option<TlsVersion> {
         let conn = match self {
             Transport::Tcp(_) | Transport::Parked(_) | Transport::Gone => return None,
             Transport::Tls(s) => s.get_ref().1,
             Transport::Wss(ws) => ws.get_ref().get_ref().1,
         };
         conn.protocol_version().map(|v| match v {
-            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
-            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
-            _ => "other",
+            rustls::ProtocolVersion::TLSv1_3 => TlsVersion::Tls13,
+            rustls::ProtocolVersion::TLSv1_2 => TlsVersion::Tls12,
+            _ => TlsVersion::Other,
         })
     }
 
