@@ -37,6 +37,10 @@ pub struct Shared {
     pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::BrokerRelay>>,
     /// Idle plain-TCP connections without a task.
     pub parking: Arc<ParkingLot<ParkedConnection>>,
+    /// Broker shutdown. Never polled itself: a clone sees a shutdown sent at any time
+    /// as a change, so connections clone it when they (re)start serving rather than each
+    /// keeping a receiver.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// A listener as the connection tasks see it.
@@ -285,7 +289,6 @@ async fn set_up(
             transport,
             rbuf,
             peer,
-            shutdown,
             permit,
         },
         connect,
@@ -468,7 +471,6 @@ struct Connection {
     /// The publish rate limit; `None` for allow-listed addresses or without a limit.
     rate: Option<Box<RateState>>,
     signals: Arc<Signals>,
-    shutdown: watch::Receiver<bool>,
     /// When the client last sent something (keepalive).
     last_activity: Instant,
     /// When anything last happened on the connection, for parking after
@@ -492,7 +494,6 @@ struct Stream {
     /// Bytes read after CONNECT.
     rbuf: BytesMut,
     peer: SocketAddr,
-    shutdown: watch::Receiver<bool>,
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -540,7 +541,6 @@ impl Connection {
             mut transport,
             rbuf,
             peer,
-            shutdown,
             permit,
         } = stream;
         let router = shared.router.clone();
@@ -611,7 +611,7 @@ impl Connection {
                     .map(|c| Box::new(c.revocation_key.clone())),
                 via_password,
                 tls_version: transport.tls_version(),
-                connected_at: crate::router::unix_now(),
+                connected_at: u32::try_from(crate::router::unix_now()).unwrap_or(u32::MAX),
                 signals: attached.signals.clone(),
             },
         );
@@ -654,7 +654,6 @@ impl Connection {
             keepalive_ms: u32::from(connect.keep_alive) * 1500,
             rate,
             signals: attached.signals,
-            shutdown,
             last_activity: now,
             idle_since,
             _permit: permit,
@@ -694,6 +693,9 @@ impl Connection {
     /// Reads, handles and writes until the connection ends or has been idle long enough
     /// to be parked.
     async fn serve_loop(&mut self) -> Outcome {
+        // A clone of the never-polled receiver sees a shutdown sent at any time before
+        // (a parked connection resumed by it) or during this loop.
+        let mut shutdown = self.shared.shutdown.clone();
         loop {
             // A client publishing faster than its rate is slowed down: nothing more is read
             // from it until its allowance refills.
@@ -706,7 +708,7 @@ impl Connection {
             };
             if !pause.is_zero() {
                 tokio::select! {
-                    _ = self.shutdown.changed() => return Outcome::End(End::Shutdown),
+                    _ = shutdown.changed() => return Outcome::End(End::Shutdown),
                     _ = tokio::time::sleep(pause) => {}
                 }
                 // Time spent paused by the broker does not count against keepalive.
@@ -723,7 +725,7 @@ impl Connection {
             // The wait holds only the small futures it selects over; handling what it
             // returned (boxed, on the heap while it runs) is not part of an idle task.
             let event = tokio::select! {
-                _ = self.shutdown.changed() => Event::Shutdown,
+                _ = shutdown.changed() => Event::Shutdown,
                 _ = self.signals.notified(Wakeup::Kick) => Event::Kicked,
                 r = self.transport.read_into(&mut self.rbuf, crate::transport::READ_CHUNK) => Event::Read(r),
                 _ = self.signals.notified(Wakeup::Deliveries) => Event::Deliveries,
@@ -1407,7 +1409,7 @@ mod tests {
     #[test]
     fn idle_connection_state_stays_small() {
         let sizes = [
-            ("Connection", std::mem::size_of::<super::Connection>(), 248),
+            ("Connection", std::mem::size_of::<super::Connection>(), 232),
             (
                 "Session",
                 std::mem::size_of::<crate::session::Session>(),
@@ -1416,7 +1418,7 @@ mod tests {
             (
                 "LiveConnection",
                 std::mem::size_of::<crate::router::LiveConnection>(),
-                120,
+                104,
             ),
         ];
         for (name, size, budget) in sizes {

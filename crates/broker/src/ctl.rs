@@ -186,7 +186,7 @@ pub fn execute(req: Request, shared: &Shared, listeners: &[Arc<ListenerRuntime>]
                     address: c.peer.to_string(),
                     listener: c.listener.to_string(),
                     tls_version: c.tls_version.map(|v| v.as_str().to_string()),
-                    connected_at: c.connected_at,
+                    connected_at: u64::from(c.connected_at),
                 })
                 .collect();
             Reply::Sessions { ok: true, sessions }

@@ -68,6 +68,10 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("configuration: {0}")]
     Config(String),
+    /// The idle-connection thread or its epoll set could not be created (out of threads,
+    /// file descriptors or memory).
+    #[error("could not start the idle-connection thread: {0}")]
+    Parking(#[source] std::io::Error),
 }
 
 impl StartError {
@@ -76,7 +80,7 @@ impl StartError {
         match self {
             StartError::Tls { .. } | StartError::Config(_) => config::EXIT_BAD_CONFIG,
             StartError::Store(StoreError::UnknownVersion { .. }) => config::EXIT_BAD_CONFIG,
-            StartError::Bind { .. } | StartError::Store(_) => 1,
+            StartError::Bind { .. } | StartError::Store(_) | StartError::Parking(_) => 1,
         }
     }
 }
@@ -201,21 +205,20 @@ impl Broker {
         };
         let abuse = abuse::AbuseGuard::new(config.abuse.clone())
             .map_err(|e| StartError::Config(format!("abuse.allow_list: {e}")))?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             router: router.clone(),
             durability: durability.clone(),
             abuse,
             tunnel: std::sync::OnceLock::new(),
-            parking: park::ParkingLot::start().map_err(|e| {
-                StartError::Config(format!("could not start the idle-connection thread: {e}"))
-            })?,
+            parking: park::ParkingLot::start().map_err(StartError::Parking)?,
+            shutdown: shutdown_rx.clone(),
         });
         if config.tunnel.enabled {
             let relay = tunnel::start(&shared, config.tunnel.clone());
             let _ = shared.tunnel.set(relay);
             tracing::info!(public_url = %config.tunnel.public_url, path = bulwark_tunnel::proto::PATH, "tunnel relay enabled on the wss listeners");
         }
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let conns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         let mut runtimes = Vec::with_capacity(listeners.len());

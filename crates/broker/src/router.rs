@@ -147,7 +147,8 @@ pub struct LiveConnection {
     pub via_password: bool,
     pub tls_version: Option<crate::transport::TlsVersion>,
     /// Unix seconds.
-    pub connected_at: u64,
+    /// (u32 until 2106: this entry is kept for every connection.)
+    pub connected_at: u32,
     /// The connection's signals (kick it with `kick`).
     pub signals: Arc<Signals>,
 }
