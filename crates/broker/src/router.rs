@@ -338,7 +338,7 @@ impl Router {
         if resume {
             s.signals = Arc::default();
         }
-        s.connection = Some(conn);
+        s.connection = std::num::NonZeroU64::new(conn);
         s.disconnected_at = 0;
         if s.persistent {
             if let Err(e) = self.store.put_session(&Self::session_record(s)) {
@@ -359,7 +359,7 @@ impl Router {
         let Some(s) = st.sessions.get_mut(client_id) else {
             return;
         };
-        if s.connection != Some(conn) {
+        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
             return; // taken over already
         }
         if s.persistent {
@@ -378,7 +378,7 @@ impl Router {
         self.lock()
             .sessions
             .get(client_id)
-            .is_some_and(|s| s.connection == Some(conn))
+            .is_some_and(|s| s.connection.map(std::num::NonZeroU64::get) == Some(conn))
     }
 
     /// Routes a message: retained store, then every matching session. Returns whether
@@ -496,7 +496,7 @@ impl Router {
         let mut guard = self.lock();
         let st = &mut *guard;
         let s = st.sessions.get_mut(client_id)?;
-        if s.connection != Some(conn) {
+        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
             return None;
         }
         let mut codes = Vec::with_capacity(filters.len());
@@ -577,7 +577,7 @@ impl Router {
         let mut guard = self.lock();
         let st = &mut *guard;
         let s = st.sessions.get_mut(client_id)?;
-        if s.connection != Some(conn) {
+        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
             return None;
         }
         for f in filters {
@@ -604,7 +604,7 @@ impl Router {
     ) -> Option<R> {
         let mut guard = self.lock();
         let s = guard.sessions.get_mut(client_id)?;
-        if s.connection != Some(conn) {
+        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
             return None;
         }
         let mut ops = SessionOps {

@@ -129,8 +129,9 @@ pub struct Session {
     /// Kept after the client goes away (CONNECT with clean session 0).
     pub persistent: bool,
     pub subscriptions: Subscriptions,
-    /// The live connection, if any.
-    pub connection: Option<u64>,
+    /// The live connection, if any (connection ids start at 1; the niche keeps this
+    /// field at 8 bytes in every session).
+    pub connection: Option<std::num::NonZeroU64>,
     /// Unix seconds when the client went away; 0 while connected.
     pub disconnected_at: u64,
     /// Wakes the connection when there is something to send, or kicks it.
@@ -418,7 +419,7 @@ mod tests {
 
     fn online() -> Session {
         let mut s = Session::new("c".into(), None, true);
-        s.connection = Some(1);
+        s.connection = std::num::NonZeroU64::new(1);
         s
     }
 
@@ -530,7 +531,7 @@ mod tests {
         let resend = s.resend_inflight();
         assert_eq!(resend.len(), 1);
         assert!(matches!(&resend[0], Packet::Publish(p) if p.dup && p.pkid == Some(9)));
-        s.connection = Some(1);
+        s.connection = std::num::NonZeroU64::new(1);
         let (p, c) = s.next_outgoing(&LIMITS).unwrap();
         assert_ne!(pkid_of(&p), Some(9));
         assert!(matches!(c, Some(QueueChange::Put { seq: 4, .. })));
