@@ -1,7 +1,9 @@
-//! One task per client connection: handshakes and CONNECT under one deadline counted from
-//! TCP accept, then a loop that reads packets, hands them to the router, and writes what
-//! the session has to send. All protocol state lives in the router and the session; this
-//! module does I/O, timers and the rules about which packet may come when.
+//! A task per client connection while it has work: handshakes and CONNECT under one
+//! deadline counted from TCP accept, then a loop that reads packets, hands them to the
+//! router, and writes what the session has to send. An idle plain-TCP connection gives up
+//! its task and waits in the parking lot ([`crate::park`]) until something concerns it.
+//! All protocol state lives in the router and the session; this module does I/O, timers
+//! and the rules about which packet may come when.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
