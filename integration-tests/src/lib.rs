@@ -689,6 +689,19 @@ pub fn run_with_timeout(
 }
 
 /// Asserts that an external client program is installed, saying how to install it.
+/// `[metrics]` on a free loopback port (port 0: the address comes from the log).
+pub const METRICS_ON: &str = "[metrics]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
+
+/// The metrics endpoint's address, from the broker's "serving metrics" log line.
+pub fn metrics_addr(p: &BrokerProcess) -> SocketAddr {
+    let v = p
+        .wait_log(Duration::from_secs(15), |v| {
+            v["message"] == "serving metrics"
+        })
+        .unwrap_or_else(|| panic!("no \"serving metrics\" line; log:\n{}", p.log_text()));
+    v["addr"].as_str().unwrap().parse().unwrap()
+}
+
 pub fn require_program(name: &str, install_hint: &str) {
     let ok = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])

@@ -16,7 +16,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bulwark_integration_tests::mqtt::{options, Client, QoS, Via};
-use bulwark_integration_tests::{hex, BrokerConfig, RawClient, TestBroker};
+use bulwark_integration_tests::{
+    hex, metrics_addr, BrokerConfig, RawClient, TestBroker, METRICS_ON,
+};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -1439,22 +1441,6 @@ async fn client_id_of_another_identity_is_refused_and_owner_keeps_session() {
 // ---------------------------------------------------------------------------------------
 // 14. park_idle_after_ms: idle plain-TCP connections wait without a task
 
-/// `[metrics]` on a free loopback port, to read `bulwark_connections_parked`.
-const METRICS_ON: &str = "[metrics]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
-
-fn metrics_addr(b: &TestBroker) -> SocketAddr {
-    let v = b
-        .process
-        .wait_log(T, |v| v["message"] == "serving metrics")
-        .unwrap_or_else(|| {
-            panic!(
-                "no \"serving metrics\" line; log:\n{}",
-                b.process.log_text()
-            )
-        });
-    v["addr"].as_str().unwrap().parse().unwrap()
-}
-
 /// One sample of the Prometheus endpoint.
 fn gauge(metrics: SocketAddr, name: &str) -> u64 {
     let mut s = TcpStream::connect(metrics).unwrap();
@@ -1487,7 +1473,7 @@ fn wait_parked(metrics: SocketAddr, n: u64) {
 #[test]
 fn parked_connections_are_woken_by_deliveries_packets_close_and_takeover() {
     let b = start_with("park_idle_after_ms = 50", METRICS_ON, false);
-    let metrics = metrics_addr(&b);
+    let metrics = metrics_addr(&b.process);
     let addr = b.addr("tcp");
     let mut sub = Mq::connect_ok(addr, "park-sub");
     assert_eq!(sub.subscribe(&[("park/#", 1)]), vec![1]);
@@ -1544,7 +1530,7 @@ fn parked_connections_are_woken_by_deliveries_packets_close_and_takeover() {
 #[test]
 fn parked_connections_keep_their_keepalive_and_close_on_shutdown() {
     let mut b = start_with("park_idle_after_ms = 0", METRICS_ON, false);
-    let metrics = metrics_addr(&b);
+    let metrics = metrics_addr(&b.process);
     let addr = b.addr("tcp");
     // Keepalive 1 s: closed after 1.5 s without a packet, parked or not.
     let started = Instant::now();

@@ -19,24 +19,13 @@ use std::time::{Duration, Instant};
 
 use bulwark_integration_tests::mqtt::{options, Client, QoS, Via};
 use bulwark_integration_tests::{
-    bin_path, connect_bytes, run_with_timeout, BrokerConfig, BrokerProcess, RawClient, TestBroker,
-    TestPki,
+    bin_path, connect_bytes, metrics_addr, run_with_timeout, BrokerConfig, BrokerProcess,
+    RawClient, TestBroker, TestPki, METRICS_ON,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(15);
-
-/// `[metrics]` on a free loopback port (port 0: the address comes from the log).
-const METRICS_ON: &str = "[metrics]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
-
-/// The endpoint's address, from the broker's "serving metrics" log line.
-fn metrics_addr(p: &BrokerProcess) -> SocketAddr {
-    let v = p
-        .wait_log(T, |v| v["message"] == "serving metrics")
-        .unwrap_or_else(|| panic!("no \"serving metrics\" line; log:\n{}", p.log_text()));
-    v["addr"].as_str().unwrap().parse().unwrap()
-}
 
 struct Reply {
     status: u16,

@@ -110,15 +110,20 @@ pub struct Accepted {
     pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Serves one accepted TCP connection until it ends or is parked.
-pub async fn serve(accepted: Box<Accepted>) {
-    let span = tracing::info_span!(
+/// The span of a connection's task; `client_id` and `identity` are recorded once known.
+fn conn_span(peer: SocketAddr, listener: &str) -> tracing::Span {
+    tracing::info_span!(
         "conn",
-        peer = %accepted.peer,
-        listener = %accepted.listener.name,
+        peer = %peer,
+        listener = %listener,
         client_id = field::Empty,
         identity = field::Empty,
-    );
+    )
+}
+
+/// Serves one accepted TCP connection until it ends or is parked.
+pub async fn serve(accepted: Box<Accepted>) {
+    let span = conn_span(accepted.peer, &accepted.listener.name);
     async move {
         // Set-up (TLS and WebSocket handshakes, CONNECT, authentication, a tunnel relay
         // session) runs boxed, so the long-lived task of a connection holds only what
@@ -188,13 +193,19 @@ async fn drive(mut connection: Box<Connection>, mut park_now: bool) {
 /// A connection resumed from the parking lot: a new task, with a new span of the same
 /// fields as the one its first task had.
 async fn resumed(mut connection: Box<Connection>) {
-    let span = tracing::info_span!(
-        "conn",
-        peer = %connection.peer,
-        listener = %connection.shared.router.listener_of(connection.conn).unwrap_or_default(),
-        client_id = %connection.client_id.escape_debug(),
-        identity = connection.identity.as_deref().map(|i| i.escape_debug().to_string()).unwrap_or_default(),
+    let listener = connection
+        .shared
+        .router
+        .listener_of(connection.conn)
+        .unwrap_or_default();
+    let span = conn_span(connection.peer, &listener);
+    span.record(
+        "client_id",
+        field::display(connection.client_id.escape_debug()),
     );
+    if let Some(i) = &connection.identity {
+        span.record("identity", field::display(i.escape_debug()));
+    }
     async move {
         if let Err(e) = connection.transport.unpark() {
             tracing::debug!(error = %e, "could not give a parked connection back to the runtime");

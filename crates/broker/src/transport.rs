@@ -232,23 +232,23 @@ impl Transport {
     /// Takes a plain TCP stream out of the runtime's reactor, for the parking lot.
     /// `Ok(false)`: not plain TCP, stays as it is.
     pub fn park(&mut self) -> io::Result<bool> {
-        if !matches!(self, Transport::Tcp(_)) {
-            return Ok(false);
+        match std::mem::replace(self, Transport::Gone) {
+            Transport::Tcp(s) => {
+                *self = Transport::Parked(s.into_std()?);
+                Ok(true)
+            }
+            other => {
+                *self = other;
+                Ok(false)
+            }
         }
-        let Transport::Tcp(s) = std::mem::replace(self, Transport::Gone) else {
-            unreachable!("checked above");
-        };
-        *self = Transport::Parked(s.into_std()?);
-        Ok(true)
     }
 
     /// Gives a parked stream back to the runtime's reactor. Must run inside the runtime.
     pub fn unpark(&mut self) -> io::Result<()> {
-        if let Transport::Parked(_) = self {
-            let Transport::Parked(s) = std::mem::replace(self, Transport::Gone) else {
-                unreachable!("checked above");
-            };
-            *self = Transport::Tcp(TcpStream::from_std(s)?);
+        match std::mem::replace(self, Transport::Gone) {
+            Transport::Parked(s) => *self = Transport::Tcp(TcpStream::from_std(s)?),
+            other => *self = other,
         }
         Ok(())
     }
