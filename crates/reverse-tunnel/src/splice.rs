@@ -151,30 +151,50 @@ impl<S: RelayConnection> Side<S> {
             ..
         } = self;
         let dst = &mut plain[*pend..];
+        let mut got = 0;
         let n = match io.socket_and_tls() {
             None => {
                 let mut rb = ReadBuf::new(dst);
                 ready!(Pin::new(io).poll_read(cx, &mut rb))?;
                 rb.filled().len()
             }
+            // Everything the ciphertext already read holds is decrypted before the
+            // plaintext goes on (rustls hands out one record, 16 KiB, at a time): the
+            // frame forwarded is as large as what the socket gave, and goes out in one
+            // system call rather than one per record.
             Some((tcp, tls)) => loop {
-                match tls.reader().read(dst) {
-                    Ok(n) => break n,
+                let room = &mut dst[got..];
+                if room.is_empty() {
+                    break got;
+                }
+                match tls.reader().read(room) {
+                    // The end (close_notify), or nothing more now that `got` bytes are in.
+                    Ok(0) => break got,
+                    Ok(n) => {
+                        got += n;
+                        continue;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // What arrived before the error goes on first; the error comes again.
+                    Err(_) if got > 0 => break got,
                     Err(e) => return Poll::Ready(Err(e)),
                 }
                 if *cpos < *cend {
                     let n = tls.read_tls(&mut &cipher[*cpos..*cend])?;
                     if n == 0 {
-                        break 0;
+                        break got;
                     }
                     *cpos += n;
-                    tls.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    if let Err(e) = tls.process_new_packets() {
+                        if got > 0 {
+                            break got;
+                        }
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                    }
                     continue;
                 }
-                if *socket_eof {
-                    break 0;
+                if got > 0 || *socket_eof {
+                    break got;
                 }
                 let mut rb = ReadBuf::new(cipher);
                 ready!(Pin::new(&mut *tcp).poll_read(cx, &mut rb))?;
