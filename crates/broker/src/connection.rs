@@ -156,7 +156,7 @@ pub async fn serve(accepted: Box<Accepted>) {
         // Most clients are quiet after CONNECT (a gateway publishes every few seconds): a
         // new plain-TCP connection is parked at once, so that a connection storm does not
         // leave a task per connection in memory. Whatever arrives wakes it.
-        let park_now = connection.idle_since.is_some();
+        let park_now = connection.idle_after_activity_ms.is_some();
         drive(connection, park_now).await
     }
     .instrument(span)
@@ -487,9 +487,10 @@ struct Connection {
     /// When the client last sent something (keepalive).
     last_activity: Instant,
     /// When anything last happened on the connection, for parking after
-    /// `limits.park_idle_after_ms`; `None`: never parked (TLS, WebSocket, or the lot
-    /// refused it).
-    idle_since: Option<Instant>,
+    /// `limits.park_idle_after_ms`, in milliseconds after `last_activity` (this state is
+    /// kept for every idle connection: 8 bytes, not an `Instant`'s 16); `None`: never
+    /// parked (TLS, WebSocket, or the lot refused it).
+    idle_after_activity_ms: Option<u32>,
     /// The connection's place under `limits.max_connections`, given back at the end.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -645,7 +646,7 @@ impl Connection {
             "client connected"
         );
         let now = Instant::now();
-        let idle_since = matches!(transport, Transport::Tcp(_)).then_some(now);
+        let idle_after_activity_ms = matches!(transport, Transport::Tcp(_)).then_some(0);
         let abuse = shared.abuse.config();
         let rate = (!shared.abuse.is_allow_listed(peer.ip())
             && (abuse.messages_per_sec_per_client > 0 || abuse.bytes_per_sec_per_client > 0))
@@ -668,7 +669,7 @@ impl Connection {
             rate,
             signals: attached.signals,
             last_activity: now,
-            idle_since,
+            idle_after_activity_ms,
             _permit: permit,
         });
         let mut first = vec![Packet::ConnAck(ConnAck {
@@ -729,7 +730,7 @@ impl Connection {
             }
             let ka_deadline = self.keepalive().map(|k| self.last_activity + k);
             let park_deadline = self
-                .idle_since
+                .idle_since()
                 .map(|t| t + self.shared.router.limits().park_idle_after());
             let timer = match (ka_deadline, park_deadline) {
                 (Some(k), Some(p)) => Some(k.min(p)),
@@ -761,9 +762,7 @@ impl Connection {
                 Event::Read(Ok(n)) => {
                     Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
                     self.last_activity = Instant::now();
-                    if let Some(t) = &mut self.idle_since {
-                        *t = self.last_activity;
-                    }
+                    self.touch_idle(self.last_activity);
                     match Box::pin(self.process_input()).await {
                         Ok(None) => Ok(()),
                         Ok(Some(end)) | Err(end) => Err(end),
@@ -774,9 +773,7 @@ impl Connection {
                     Err(End::Io)
                 }
                 Event::Deliveries => {
-                    if let Some(t) = &mut self.idle_since {
-                        *t = Instant::now();
-                    }
+                    self.touch_idle(Instant::now());
                     let mut out = Vec::new();
                     match self
                         .shared
@@ -796,6 +793,22 @@ impl Connection {
         }
     }
 
+    /// When anything last happened on the connection (`None`: never parked).
+    fn idle_since(&self) -> Option<Instant> {
+        self.idle_after_activity_ms
+            .map(|ms| self.last_activity + Duration::from_millis(u64::from(ms)))
+    }
+
+    /// Something happened at `now` (a packet, a delivery): the idle time starts over.
+    fn touch_idle(&mut self, now: Instant) {
+        if let Some(ms) = &mut self.idle_after_activity_ms {
+            let after = now
+                .saturating_duration_since(self.last_activity)
+                .as_millis();
+            *ms = u32::try_from(after).unwrap_or(u32::MAX);
+        }
+    }
+
     /// Hands an idle connection to the parking lot; its task then ends.
     fn park(mut self: Box<Self>) -> Parking {
         // A read buffer without a partial packet is not kept while parked.
@@ -805,7 +818,7 @@ impl Connection {
         match self.transport.park() {
             Ok(true) => {}
             Ok(false) => {
-                self.idle_since = None;
+                self.idle_after_activity_ms = None;
                 return Parking::Refused(self);
             }
             Err(e) => {
@@ -817,7 +830,7 @@ impl Connection {
         match lot.park(ParkedConnection(self)) {
             Ok(()) => Parking::Parked,
             Err(ParkedConnection(mut c)) => {
-                c.idle_since = None;
+                c.idle_after_activity_ms = None;
                 match c.transport.unpark() {
                     Ok(()) => Parking::Refused(c),
                     Err(e) => {
@@ -1416,23 +1429,27 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    /// What an idle connection keeps in memory while parked: its own state, its session
-    /// and its entry among the live connections (`bytes per idle plain connection` in
-    /// BENCHMARKS.md). A field added here is paid for by every idle client.
+    /// What an idle connection keeps in memory while parked: its own state, its session,
+    /// its entry among the live connections and its signals (`bytes per idle plain
+    /// connection` in BENCHMARKS.md). A field added here is paid for by every idle client;
+    /// glibc's blocks grow in steps of 16 bytes (size + 8, rounded up), so the budgets sit
+    /// at the top of the step each struct is in. tokio's `TcpStream` is 8 bytes larger in
+    /// test builds than in release builds: `Connection` is 216 bytes in a release build.
     #[test]
     fn idle_connection_state_stays_small() {
         let sizes = [
-            ("Connection", std::mem::size_of::<super::Connection>(), 232),
+            ("Connection", std::mem::size_of::<super::Connection>(), 224),
             (
                 "Session",
                 std::mem::size_of::<crate::session::Session>(),
-                216,
+                120,
             ),
             (
                 "LiveConnection",
                 std::mem::size_of::<crate::router::LiveConnection>(),
                 104,
             ),
+            ("Signals", std::mem::size_of::<crate::park::Signals>(), 40),
         ];
         for (name, size, budget) in sizes {
             assert!(

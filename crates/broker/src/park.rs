@@ -16,8 +16,8 @@
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -37,13 +37,52 @@ pub enum Wakeup {
 
 /// The wake-ups of one connection, each with one stored permit (like
 /// `tokio::sync::Notify::notify_one`), and one waker: the connection's task while it runs,
-/// the parking lot while it is parked. One per attachment of a connection to its session:
-/// a takeover gives the new connection new signals, so that a kick meant for the old one
-/// cannot reach it.
+/// the signals themselves while it is parked (waking them resumes the connection in the
+/// lot named by `parked_in`: no waker of its own per parked connection). One per
+/// attachment of a connection to its session: a takeover gives the new connection new
+/// signals, so that a kick meant for the old one cannot reach it.
 #[derive(Debug, Default)]
 pub struct Signals {
     set: AtomicU8,
+    /// The id of the lot the connection is parked in; 0 while it has a task.
+    parked_in: AtomicU32,
     waker: AtomicWaker,
+}
+
+/// A parked connection's signals wake the connection's lot.
+impl Wake for Signals {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let lot = self.parked_in.load(Ordering::Acquire);
+        if lot == 0 {
+            return;
+        }
+        let lot = LOTS
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(lot as usize - 1)
+            .and_then(Weak::upgrade);
+        if let Some(lot) = lot {
+            lot.unpark(key_of(self));
+        }
+    }
+}
+
+/// The parking lots started in this process (one per broker), by id - 1: how parked
+/// signals find their lot. An entry outlives its lot as a dead `Weak`.
+static LOTS: RwLock<Vec<Weak<dyn Unpark>>> = RwLock::new(Vec::new());
+
+/// A lot, as signals see it.
+trait Unpark: Send + Sync {
+    fn unpark(&self, key: usize);
+}
+
+/// A parked connection's key in its lot (and its epoll token): the address of its
+/// signals, which the connection keeps alive while parked.
+fn key_of(signals: &Arc<Signals>) -> usize {
+    Arc::as_ptr(signals) as usize
 }
 
 impl Signals {
@@ -96,10 +135,12 @@ pub trait Parked: Send + 'static {
 
 /// Idle connections without tasks, watched by one thread. See the module docs.
 pub struct ParkingLot<P: Parked> {
+    /// This lot's place in [`LOTS`] (+ 1).
+    id: u32,
     registry: mio::Registry,
     waker: mio::Waker,
-    parked: Mutex<HashMap<u64, P>>,
-    next_token: AtomicU64,
+    /// By [`key_of`] their signals.
+    parked: Mutex<HashMap<usize, P>>,
     closed: AtomicBool,
     runtime: tokio::runtime::Handle,
 }
@@ -117,20 +158,9 @@ const WAKE_TOKEN: Token = Token(usize::MAX);
 /// How often the lot looks for parked connections whose keepalive ran out.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
-/// The waker a parked connection leaves in its signals.
-struct ParkWaker<P: Parked> {
-    lot: Weak<ParkingLot<P>>,
-    token: u64,
-}
-
-impl<P: Parked> Wake for ParkWaker<P> {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        if let Some(lot) = self.lot.upgrade() {
-            lot.unpark(self.token);
-        }
+impl<P: Parked> Unpark for ParkingLot<P> {
+    fn unpark(&self, key: usize) {
+        ParkingLot::unpark(self, key)
     }
 }
 
@@ -139,15 +169,19 @@ impl<P: Parked> ParkingLot<P> {
     /// connections run on.
     pub fn start() -> std::io::Result<Arc<ParkingLot<P>>> {
         let poll = mio::Poll::new()?;
+        let mut lots = LOTS.write().unwrap_or_else(|e| e.into_inner());
         let lot = Arc::new(ParkingLot {
+            id: u32::try_from(lots.len() + 1)
+                .map_err(|_| std::io::Error::other("too many parking lots"))?,
             registry: poll.registry().try_clone()?,
             waker: mio::Waker::new(poll.registry(), WAKE_TOKEN)?,
             parked: Mutex::new(HashMap::new()),
-            next_token: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
         });
         let weak = Arc::downgrade(&lot);
+        lots.push(weak.clone());
+        drop(lots);
         std::thread::Builder::new()
             .name("bulwark-park".into())
             .spawn(move || watch(poll, weak))?;
@@ -163,7 +197,7 @@ impl<P: Parked> ParkingLot<P> {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, P>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, P>> {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -173,24 +207,16 @@ impl<P: Parked> ParkingLot<P> {
         if self.closed.load(Ordering::Acquire) {
             return Err(p);
         }
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let fd = p.fd();
-        let waker = Waker::from(Arc::new(ParkWaker {
-            lot: Arc::downgrade(self),
-            token,
-        }));
         let signals = p.signals();
+        let token = key_of(&signals);
         {
             // Registered under the lock, so that readiness reported at once finds the
             // connection in the map.
             let mut parked = self.lock();
             if self
                 .registry
-                .register(
-                    &mut SourceFd(&fd),
-                    Token(token as usize),
-                    Interest::READABLE,
-                )
+                .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
                 .is_err()
             {
                 return Err(p);
@@ -199,7 +225,8 @@ impl<P: Parked> ParkingLot<P> {
         }
         // Outside the lock: registering a waker may wake it at once (a concurrent notify),
         // and waking unparks, which takes the lock.
-        let signalled = signals.watch(&waker);
+        signals.parked_in.store(self.id, Ordering::Release);
+        let signalled = signals.watch(&Waker::from(signals.clone()));
         // A signal set before its waker was ours: resume at once. Readiness that came
         // before the registration is reported by epoll itself.
         if signalled || self.closed.load(Ordering::Acquire) {
@@ -209,7 +236,7 @@ impl<P: Parked> ParkingLot<P> {
     }
 
     /// Gives a parked connection its task back (no-op if it has already gone).
-    fn unpark(&self, token: u64) {
+    fn unpark(&self, token: usize) {
         let Some(p) = self.lock().remove(&token) else {
             return;
         };
@@ -218,6 +245,11 @@ impl<P: Parked> ParkingLot<P> {
 
     fn resume(&self, p: P) {
         let _ = self.registry.deregister(&mut SourceFd(&p.fd()));
+        // The signals no longer lead here, and no longer hold a waker of their own (which
+        // would keep them alive if the task ended before registering its waker).
+        let signals = p.signals();
+        signals.parked_in.store(0, Ordering::Release);
+        drop(signals.waker.take());
         let _guard = self.runtime.enter();
         p.resume();
     }
@@ -237,7 +269,7 @@ impl<P: Parked> ParkingLot<P> {
     fn sweep(&self, now: Instant) {
         let due: Vec<P> = {
             let mut parked = self.lock();
-            let tokens: Vec<u64> = parked
+            let tokens: Vec<usize> = parked
                 .iter()
                 .filter(|(_, p)| p.deadline().is_some_and(|d| d <= now))
                 .map(|(t, _)| *t)
@@ -271,7 +303,7 @@ fn watch<P: Parked>(mut poll: mio::Poll, lot: Weak<ParkingLot<P>>) {
         };
         for event in events.iter() {
             if event.token() != WAKE_TOKEN {
-                lot.unpark(event.token().0 as u64);
+                lot.unpark(event.token().0);
             }
         }
         if lot.closed.load(Ordering::Acquire) {

@@ -121,6 +121,55 @@ impl Subscriptions {
     }
 }
 
+/// A queue allocated on its first message: an idle session's two queues cost a pointer
+/// each, not the 32 bytes of an empty `VecDeque`. Once allocated, it stays (a session that
+/// has carried messages is likely to carry more).
+#[derive(Debug)]
+#[allow(clippy::box_collection)]
+struct LazyDeque<T>(Option<Box<VecDeque<T>>>);
+
+impl<T> Default for LazyDeque<T> {
+    fn default() -> Self {
+        LazyDeque(None)
+    }
+}
+
+impl<T> LazyDeque<T> {
+    fn push_back(&mut self, v: T) {
+        self.0.get_or_insert_default().push_back(v)
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    fn front(&self) -> Option<&T> {
+        self.0.as_ref()?.front()
+    }
+
+    fn remove(&mut self, idx: usize) -> Option<T> {
+        self.0.as_mut()?.remove(idx)
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.0.iter_mut().flat_map(|q| q.iter_mut())
+    }
+
+    fn clear(&mut self) {
+        if let Some(q) = &mut self.0 {
+            q.clear();
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Session {
     pub client_id: Arc<str>,
@@ -136,8 +185,8 @@ pub struct Session {
     pub disconnected_at: u64,
     /// Wakes the connection when there is something to send, or kicks it.
     pub signals: Arc<Signals>,
-    pending: VecDeque<Queued>,
-    inflight: VecDeque<Inflight>,
+    pending: LazyDeque<Queued>,
+    inflight: LazyDeque<Inflight>,
     queued_bytes: usize,
     /// Packet ids of QoS 2 messages received and not yet released; boxed, allocated on
     /// the first QoS 2 PUBLISH (most clients never send one). The box keeps the 48 bytes
@@ -160,8 +209,8 @@ impl Session {
             connection: None,
             disconnected_at: 0,
             signals: Arc::default(),
-            pending: VecDeque::new(),
-            inflight: VecDeque::new(),
+            pending: LazyDeque::default(),
+            inflight: LazyDeque::default(),
             queued_bytes: 0,
             incoming_qos2: None,
             next_pkid: 1,
