@@ -86,10 +86,14 @@ fn key_of(signals: &Arc<Signals>) -> usize {
 }
 
 impl Signals {
-    /// Sets the permit of `w` and wakes whoever waits.
+    /// Sets the permit of `w` and wakes whoever waits. A permit already set was set with
+    /// a wake-up that the connection has not answered yet: no second one (a publish to
+    /// many subscribers that are still sending the last one costs an atomic operation
+    /// each, not a wake-up).
     pub fn notify(&self, w: Wakeup) {
-        self.set.fetch_or(w as u8, Ordering::Release);
-        self.waker.wake();
+        if self.set.fetch_or(w as u8, Ordering::AcqRel) & w as u8 == 0 {
+            self.waker.wake();
+        }
     }
 
     fn take(&self, w: Wakeup) -> bool {

@@ -147,6 +147,10 @@ impl<T> LazyDeque<T> {
         self.0.as_ref()?.front()
     }
 
+    fn back(&self) -> Option<&T> {
+        self.0.as_ref()?.back()
+    }
+
     fn remove(&mut self, idx: usize) -> Option<T> {
         self.0.as_mut()?.remove(idx)
     }
@@ -194,6 +198,11 @@ pub struct Session {
     #[allow(clippy::box_collection)]
     incoming_qos2: Option<Box<HashSet<u16>>>,
     next_pkid: u16,
+    /// The in-flight messages' packet ids follow each other in the order they were
+    /// allocated (wrapping from 65535 to 1), as [`Session::allocate_pkid`] gives them out:
+    /// an id outside the run from the oldest to the newest is free without a scan. False
+    /// after a restore or allocation broke that order, until the window empties.
+    ids_in_order: bool,
     next_seq: u64,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
@@ -214,6 +223,7 @@ impl Session {
             queued_bytes: 0,
             incoming_qos2: None,
             next_pkid: 1,
+            ids_in_order: true,
             next_seq: 1,
             dropped: 0,
         }
@@ -236,6 +246,7 @@ impl Session {
             self.next_seq = self.next_seq.max(seq + 1);
             if rec.pkid != 0 && rec.message.qos != QoS::AtMostOnce {
                 self.next_pkid = rec.pkid.wrapping_add(1).max(1);
+                self.note_in_flight(rec.pkid);
                 self.inflight.push_back(Inflight {
                     seq,
                     pkid: rec.pkid,
@@ -301,8 +312,38 @@ impl Session {
         loop {
             let id = self.next_pkid;
             self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
-            if !self.inflight.iter().any(|f| f.pkid == id) {
+            if !self.pkid_in_flight(id) {
                 return id;
+            }
+        }
+    }
+
+    /// Where `id` comes after `first` in the cycle of packet ids 1..=65535 (0 for `first`).
+    fn id_distance(first: u16, id: u16) -> u32 {
+        (u32::from(id) + 65_535 - u32::from(first)) % 65_535
+    }
+
+    /// Whether a message is in flight under `id`. While the ids are in order, one past the
+    /// newest (the usual next id) is known to be free without looking at every message
+    /// of the window.
+    fn pkid_in_flight(&self, id: u16) -> bool {
+        let (Some(first), Some(last)) = (self.inflight.front(), self.inflight.back()) else {
+            return false;
+        };
+        if self.ids_in_order
+            && Self::id_distance(first.pkid, id) > Self::id_distance(first.pkid, last.pkid)
+        {
+            return false;
+        }
+        self.inflight.iter().any(|f| f.pkid == id)
+    }
+
+    /// Keeps [`Session::ids_in_order`] true while `pkid`, about to go in flight, comes
+    /// after the newest id in flight (and before the oldest, going round).
+    fn note_in_flight(&mut self, pkid: u16) {
+        if let (Some(first), Some(last)) = (self.inflight.front(), self.inflight.back()) {
+            if Self::id_distance(first.pkid, pkid) <= Self::id_distance(first.pkid, last.pkid) {
+                self.ids_in_order = false;
             }
         }
     }
@@ -321,6 +362,7 @@ impl Session {
             return Some((packet, None));
         }
         let pkid = self.allocate_pkid();
+        self.note_in_flight(pkid);
         let packet = publish_packet(&q.msg, q.qos, q.retain, Some(pkid), false);
         // Only a persistent session's in-flight messages are stored; a clean session
         // does not pay for the record.
@@ -372,6 +414,9 @@ impl Session {
 
     fn complete(&mut self, idx: usize) -> QueueChange {
         let done = self.inflight.remove(idx).expect("index from position()");
+        if self.inflight.len() == 0 {
+            self.ids_in_order = true;
+        }
         self.queued_bytes -= done.msg.payload.len();
         QueueChange::Remove { seq: done.seq }
     }
@@ -431,6 +476,7 @@ impl Session {
     pub fn clear_queue(&mut self) {
         self.pending.clear();
         self.inflight.clear();
+        self.ids_in_order = true;
         self.queued_bytes = 0;
         self.incoming_qos2 = None;
     }
@@ -496,6 +542,68 @@ mod tests {
         let (p3, _) = s.next_outgoing(&LIMITS).unwrap();
         assert!(pkid_of(&p3).is_some());
         assert_eq!(s.queue_len(), 2);
+    }
+
+    /// Packet ids handed out while messages are acknowledged in any order, across the
+    /// wrap from 65535 to 1 and after a restore with ids out of order: never the id of a
+    /// message still in flight, and the same id a scan of the whole window would give.
+    #[test]
+    fn packet_ids_in_flight_are_never_reused() {
+        let limits = QueueLimits {
+            max_inflight: 40,
+            max_messages: 1000,
+            max_bytes: 1 << 20,
+        };
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for (start, restored) in [
+            (1u16, vec![]),
+            (65_500, vec![]),
+            (65_530, vec![7u16, 65_534, 3]),
+        ] {
+            let mut s = online();
+            s.next_pkid = start;
+            let records = restored
+                .iter()
+                .enumerate()
+                .map(|(i, &pkid)| {
+                    let m = msg("t", QoS::AtLeastOnce);
+                    (
+                        i as u64 + 1,
+                        QueuedRecord {
+                            message: m.to_stored(QoS::AtLeastOnce, false),
+                            pkid,
+                            released: false,
+                        },
+                    )
+                })
+                .collect();
+            s.restore_queue(records);
+            for _ in 0..20_000 {
+                if next() % 3 != 0 {
+                    s.enqueue(msg("t", QoS::AtLeastOnce), QoS::AtLeastOnce, false, &limits);
+                    let in_flight: Vec<u16> = s.inflight.iter().map(|f| f.pkid).collect();
+                    let mut expected = s.next_pkid;
+                    while in_flight.contains(&expected) {
+                        expected = expected.wrapping_add(1).max(1);
+                    }
+                    if let Some((p, _)) = s.next_outgoing(&limits) {
+                        let id = pkid_of(&p).unwrap();
+                        assert!(!in_flight.contains(&id), "id {id} reused while in flight");
+                        assert_eq!(id, expected);
+                    }
+                } else if s.inflight.len() > 0 {
+                    let idx = (next() % s.inflight.len() as u64) as usize;
+                    let id = s.inflight.iter().nth(idx).unwrap().pkid;
+                    assert!(s.on_puback(id).is_some());
+                }
+            }
+        }
     }
 
     #[test]
