@@ -230,3 +230,65 @@ fn clean_session_discards_persistent_state() {
     publ.publish("q/2", QoS::AtLeastOnce, Some(2), false, b"x");
     assert_eq!(publ.recv(), Packet::PubAck(2));
 }
+
+/// A client whose subscriptions overlap gets one copy of a message, at the highest QoS
+/// among the filters that match (MQTT-3.3.5-1), before and after a restart (restored
+/// subscriptions, and one added after the restart); a client with one matching filter
+/// beside it gets its own copy. The messages that follow show that no second copy came
+/// first.
+#[test]
+fn overlapping_subscriptions_deliver_one_copy_at_the_highest_qos() {
+    let mut b = TestBroker::start(BrokerConfig::default());
+    let addr = b.addr("tcp");
+    let (mut over, _) = Peer::connect(addr, "overlap", false);
+    over.subscribe("o/#", QoS::AtMostOnce);
+    over.subscribe("o/+", QoS::AtLeastOnce);
+    let (mut single, _) = Peer::connect(addr, "single", true);
+    single.subscribe("o/a", QoS::AtMostOnce);
+
+    let (mut publ, _) = Peer::connect(addr, "pub", true);
+    publ.publish("o/a", QoS::AtLeastOnce, Some(1), false, b"one");
+    assert_eq!(publ.recv(), Packet::PubAck(1));
+    publ.publish("o/x/marker", QoS::AtMostOnce, None, false, b"m");
+    publ.publish("o/a", QoS::AtMostOnce, None, false, b"after");
+    publ.ping();
+
+    let first = publish_of(over.recv());
+    assert_eq!((first.topic.as_str(), first.qos), ("o/a", QoS::AtLeastOnce));
+    over.send(&Packet::PubAck(first.pkid.unwrap()));
+    let next = publish_of(over.recv());
+    assert_eq!(next.topic.as_str(), "o/x/marker", "one copy of o/a only");
+    let last = publish_of(over.recv());
+    assert_eq!(
+        (&last.payload[..], last.qos),
+        (&b"after"[..], QoS::AtMostOnce)
+    );
+    let s = publish_of(single.recv());
+    assert_eq!((&s.payload[..], s.qos), (&b"one"[..], QoS::AtMostOnce));
+    let s = publish_of(single.recv());
+    assert_eq!(&s.payload[..], b"after", "one copy of the first o/a only");
+    drop((over, single, publ));
+
+    b.restart(false);
+    let addr = b.addr("tcp");
+    let (mut over, present) = Peer::connect(addr, "overlap", false);
+    assert!(
+        present,
+        "the persistent session and its subscriptions were restored"
+    );
+    over.subscribe("o/a", QoS::ExactlyOnce);
+    let (mut publ, _) = Peer::connect(addr, "pub", true);
+    publ.publish("o/a", QoS::AtLeastOnce, Some(2), false, b"two");
+    assert_eq!(publ.recv(), Packet::PubAck(2));
+    publ.publish("o/x/marker", QoS::AtMostOnce, None, false, b"m");
+    publ.ping();
+    let first = publish_of(over.recv());
+    assert_eq!(
+        (first.topic.as_str(), first.qos),
+        ("o/a", QoS::AtLeastOnce),
+        "QoS 1: the message's own QoS caps the highest subscription (2)"
+    );
+    over.send(&Packet::PubAck(first.pkid.unwrap()));
+    let next = publish_of(over.recv());
+    assert_eq!(next.topic.as_str(), "o/x/marker", "one copy of o/a only");
+}

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::park::{Signals, Wakeup};
-use bulwark_protocol::acl::Principal;
+use bulwark_protocol::acl::{AclFile, Principal};
 use bulwark_protocol::{
     ConnectReturnCode, Packet, QoS, SubscribeReturnCode, SubscriptionTrie, TopicFilter, TopicName,
 };
@@ -421,29 +421,48 @@ impl Router {
             }
         }
         // One delivery per session, at the highest QoS among its matching subscriptions.
+        // A session with a single subscription matches once and is served at once; only
+        // the matches of sessions with several subscriptions are sorted to find repeats
+        // (sorting every match by client id cost a string comparison per step).
         let mut targets: Vec<(Arc<str>, QoS)> = Vec::new();
         st.trie
             .for_each_match(&msg.topic, |cid, q| targets.push((cid.clone(), *q)));
-        if targets.len() > 1 {
-            // Highest QoS first within each client id, then keep the first of each.
-            targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            targets.dedup_by(|later, earlier| later.0 == earlier.0);
-        }
         let acl = self.authority.acl();
+        let mut several: Vec<(Arc<str>, QoS)> = Vec::new();
         for (cid, sub_qos) in targets {
             let Some(s) = st.sessions.get_mut(&cid) else {
                 continue;
             };
-            // Every delivery is checked: a subscription granted earlier does not cover
-            // topics the subscriber may not read (deny rules, ACL changes).
-            if !acl.allows_read(&principal_of(s), &msg.topic) {
-                Metrics::add(&self.metrics.deliveries_denied, 1);
+            if s.subscriptions.len() > 1 {
+                several.push((cid, sub_qos));
                 continue;
             }
-            let qos = msg.qos.min(sub_qos);
-            wrote |= self.enqueue(s, msg.clone(), qos, false);
+            wrote |= self.deliver(s, &acl, &msg, sub_qos);
+        }
+        if several.len() > 1 {
+            // Highest QoS first within each client id, then keep the first of each.
+            several.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            several.dedup_by(|later, earlier| later.0 == earlier.0);
+        }
+        for (cid, sub_qos) in several {
+            if let Some(s) = st.sessions.get_mut(&cid) {
+                wrote |= self.deliver(s, &acl, &msg, sub_qos);
+            }
         }
         wrote
+    }
+
+    /// Queues `msg` for `s` (matched by a subscription at `sub_qos`) if the ACL lets it
+    /// read the topic.
+    fn deliver(&self, s: &mut Session, acl: &AclFile, msg: &Arc<Message>, sub_qos: QoS) -> bool {
+        // Every delivery is checked: a subscription granted earlier does not cover topics
+        // the subscriber may not read (deny rules, ACL changes).
+        if !acl.allows_read(&principal_of(s), &msg.topic) {
+            Metrics::add(&self.metrics.deliveries_denied, 1);
+            return false;
+        }
+        let qos = msg.qos.min(sub_qos);
+        self.enqueue(s, msg.clone(), qos, false)
     }
 
     fn enqueue(&self, s: &mut Session, msg: Arc<Message>, qos: QoS, retain: bool) -> bool {
