@@ -245,27 +245,37 @@ impl BrokerConfig {
                 s.push_str(&format!("crl_file = {:?}\n", pki.crl_path));
             }
         };
-        if self.tls {
-            s.push_str(&format!(
-                "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{}\"\ntransport = \"tls\"\nallow_anonymous = {}\n",
-                port("tls"),
-                self.tls_anonymous
-            ));
-            tls_table(&mut s);
-        }
-        if self.wss {
-            s.push_str(&format!(
-                "[[listener]]\nname = \"wss\"\nbind = \"127.0.0.1:{}\"\ntransport = \"wss\"\nallow_anonymous = {}\n",
-                port("wss"),
-                self.tls_anonymous
-            ));
-            tls_table(&mut s);
-        }
-        if self.tcp {
-            s.push_str(&format!(
-                "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{}\"\ntransport = \"tcp\"\nallow_anonymous = true\n",
-                port("tcp")
-            ));
+        // Listeners with a fixed port first: the broker binds them in this order, and a
+        // port-0 listener bound before could be given the fixed port (free when the test
+        // chose it) by the kernel.
+        let mut names = vec!["tls", "wss", "tcp"];
+        names.sort_by_key(|n| port(n) == 0);
+        for name in names {
+            match name {
+                "tls" if self.tls => {
+                    s.push_str(&format!(
+                        "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{}\"\ntransport = \"tls\"\nallow_anonymous = {}\n",
+                        port("tls"),
+                        self.tls_anonymous
+                    ));
+                    tls_table(&mut s);
+                }
+                "wss" if self.wss => {
+                    s.push_str(&format!(
+                        "[[listener]]\nname = \"wss\"\nbind = \"127.0.0.1:{}\"\ntransport = \"wss\"\nallow_anonymous = {}\n",
+                        port("wss"),
+                        self.tls_anonymous
+                    ));
+                    tls_table(&mut s);
+                }
+                "tcp" if self.tcp => {
+                    s.push_str(&format!(
+                        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{}\"\ntransport = \"tcp\"\nallow_anonymous = true\n",
+                        port("tcp")
+                    ));
+                }
+                _ => {}
+            }
         }
         s.push_str(&format!(
             "[persistence]\nenabled = {}\npath = {:?}\ndurability = {:?}\nflush_interval_ms = 50\n",
