@@ -251,30 +251,21 @@ impl BrokerConfig {
         let mut names = vec!["tls", "wss", "tcp"];
         names.sort_by_key(|n| port(n) == 0);
         for name in names {
-            match name {
-                "tls" if self.tls => {
-                    s.push_str(&format!(
-                        "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:{}\"\ntransport = \"tls\"\nallow_anonymous = {}\n",
-                        port("tls"),
-                        self.tls_anonymous
-                    ));
-                    tls_table(&mut s);
-                }
-                "wss" if self.wss => {
-                    s.push_str(&format!(
-                        "[[listener]]\nname = \"wss\"\nbind = \"127.0.0.1:{}\"\ntransport = \"wss\"\nallow_anonymous = {}\n",
-                        port("wss"),
-                        self.tls_anonymous
-                    ));
-                    tls_table(&mut s);
-                }
-                "tcp" if self.tcp => {
-                    s.push_str(&format!(
-                        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{}\"\ntransport = \"tcp\"\nallow_anonymous = true\n",
-                        port("tcp")
-                    ));
-                }
-                _ => {}
+            // (listed, allow_anonymous, TLS settings)
+            let (listed, anonymous, tls) = match name {
+                "tls" => (self.tls, self.tls_anonymous, true),
+                "wss" => (self.wss, self.tls_anonymous, true),
+                _ => (self.tcp, true, false),
+            };
+            if !listed {
+                continue;
+            }
+            s.push_str(&format!(
+                "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:{}\"\ntransport = \"{name}\"\nallow_anonymous = {anonymous}\n",
+                port(name)
+            ));
+            if tls {
+                tls_table(&mut s);
             }
         }
         s.push_str(&format!(

@@ -213,19 +213,19 @@ impl<P: Parked> ParkingLot<P> {
         }
         let fd = p.fd();
         let signals = p.signals();
-        let token = key_of(&signals);
+        let key = key_of(&signals);
         {
             // Registered under the lock, so that readiness reported at once finds the
             // connection in the map.
             let mut parked = self.lock();
             if self
                 .registry
-                .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
+                .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
                 .is_err()
             {
                 return Err(p);
             }
-            parked.insert(token, p);
+            parked.insert(key, p);
         }
         // Outside the lock: registering a waker may wake it at once (a concurrent notify),
         // and waking unparks, which takes the lock.
@@ -234,14 +234,14 @@ impl<P: Parked> ParkingLot<P> {
         // A signal set before its waker was ours: resume at once. Readiness that came
         // before the registration is reported by epoll itself.
         if signalled || self.closed.load(Ordering::Acquire) {
-            self.unpark(token);
+            self.unpark(key);
         }
         Ok(())
     }
 
     /// Gives a parked connection its task back (no-op if it has already gone).
-    fn unpark(&self, token: usize) {
-        let Some(p) = self.lock().remove(&token) else {
+    fn unpark(&self, key: usize) {
+        let Some(p) = self.lock().remove(&key) else {
             return;
         };
         self.resume(p);
@@ -273,12 +273,12 @@ impl<P: Parked> ParkingLot<P> {
     fn sweep(&self, now: Instant) {
         let due: Vec<P> = {
             let mut parked = self.lock();
-            let tokens: Vec<usize> = parked
+            let keys: Vec<usize> = parked
                 .iter()
                 .filter(|(_, p)| p.deadline().is_some_and(|d| d <= now))
                 .map(|(t, _)| *t)
                 .collect();
-            tokens.iter().filter_map(|t| parked.remove(t)).collect()
+            keys.iter().filter_map(|k| parked.remove(k)).collect()
         };
         for p in due {
             self.resume(p);

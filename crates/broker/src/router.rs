@@ -359,7 +359,7 @@ impl Router {
         let Some(s) = st.sessions.get_mut(client_id) else {
             return;
         };
-        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
+        if !s.is_served_by(conn) {
             return; // taken over already
         }
         if s.persistent {
@@ -378,7 +378,7 @@ impl Router {
         self.lock()
             .sessions
             .get(client_id)
-            .is_some_and(|s| s.connection.map(std::num::NonZeroU64::get) == Some(conn))
+            .is_some_and(|s| s.is_served_by(conn))
     }
 
     /// Routes a message: retained store, then every matching session. Returns whether
@@ -515,7 +515,7 @@ impl Router {
         let mut guard = self.lock();
         let st = &mut *guard;
         let s = st.sessions.get_mut(client_id)?;
-        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
+        if !s.is_served_by(conn) {
             return None;
         }
         let mut codes = Vec::with_capacity(filters.len());
@@ -596,7 +596,7 @@ impl Router {
         let mut guard = self.lock();
         let st = &mut *guard;
         let s = st.sessions.get_mut(client_id)?;
-        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
+        if !s.is_served_by(conn) {
             return None;
         }
         for f in filters {
@@ -623,7 +623,7 @@ impl Router {
     ) -> Option<R> {
         let mut guard = self.lock();
         let s = guard.sessions.get_mut(client_id)?;
-        if s.connection.map(std::num::NonZeroU64::get) != Some(conn) {
+        if !s.is_served_by(conn) {
             return None;
         }
         let mut ops = SessionOps {

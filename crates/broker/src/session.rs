@@ -266,6 +266,11 @@ impl Session {
         }
     }
 
+    /// Whether connection `conn` (an id from 1) is the session's live connection.
+    pub fn is_served_by(&self, conn: u64) -> bool {
+        self.connection.is_some_and(|c| c.get() == conn)
+    }
+
     pub fn is_online(&self) -> bool {
         self.connection.is_some()
     }
