@@ -1663,6 +1663,24 @@ fn sshd_pids() -> Vec<u32> {
         .collect()
 }
 
+/// The processes whose parent is `pid` (ssh's ProxyCommand).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                // The parent is the second field after the command (in parentheses).
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
 /// `n` echo round trips of 64 bytes on each of `addrs`, one path after the other in every
 /// turn: sorted round-trip times per address.
 fn interleaved_rtts(addrs: &[SocketAddr], n: usize) -> Vec<Vec<Duration>> {
@@ -1721,7 +1739,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// `cargo test --release -p bulwark-integration-tests --test tunnel throughput_and_latency_vs_ssh_forwarding -- --ignored --nocapture`.
 ///
 /// To the same target, directly (loopback), through the tunnel (`bulwark-tunnel open`) and
-/// through `ssh -L` with ssh's fastest cipher (aes128-gcm): throughput of one stream
+/// through `ssh -L` with ssh's fastest cipher (aes128-gcm), and through `ssh -L` by way of
+/// a jump host (`ssh-J`: the relayed shape, four TCP hops and two encrypted legs, like the
+/// tunnel's; a figure beside the target, not the target): throughput of one stream
 /// (256 MiB one way) and of eight parallel streams (8 × 64 MiB, aggregate), and 2,000 echo
 /// round trips of 64 bytes (p50, p99, and p50 minus the direct p50 of the same round; the
 /// paths take turns round trip by round trip). The paths take turns in a rotating order
@@ -1731,7 +1751,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 ///
 /// Environment: `BULWARK_TUNNEL_BENCH_ROUNDS`, `BULWARK_TUNNEL_BENCH_MIB` (one stream),
 /// `BULWARK_TUNNEL_BENCH_PARALLEL_MIB` (each of the eight), `BULWARK_TUNNEL_BENCH_RTTS`,
-/// `BULWARK_TUNNEL_BENCH_PATHS` (comma-separated subset of `direct,bulwark-tunnel,ssh-L`),
+/// `BULWARK_TUNNEL_BENCH_PATHS` (comma-separated subset of `direct,bulwark-tunnel,ssh-L,ssh-J`),
 /// `BULWARK_TUNNEL_BENCH_WAIT_SECS` (a pause after start-up, e.g. to attach a profiler to
 /// the process ids printed on stderr).
 #[test]
@@ -1777,12 +1797,54 @@ fn throughput_and_latency_vs_ssh_forwarding() {
         ssh.stderr()
     );
     let ssh_addr: SocketAddr = ([127, 0, 0, 1], ssh_port).into();
+    // The same forwarding through a jump host (`ssh -J`, spelled out as the ProxyCommand
+    // it stands for, so that the jump leg uses the same key and cipher): the relayed
+    // shape of the tunnel. The bytes go client → ssh → (pipe) ssh -W → sshd (the jump
+    // host) → sshd (the target host) → target: four TCP hops, both legs encrypted.
+    let jump_port = free_port();
+    let common = |c: &mut Command| {
+        c.args(["-c", cipher, "-p", &sshd.port.to_string(), "-i"])
+            .arg(&sshd.client_key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+            ]);
+    };
+    let proxy = format!(
+        "ProxyCommand=ssh -c {cipher} -p {} -i {} -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o BatchMode=yes -W %h:%p {}@127.0.0.1",
+        sshd.port,
+        sshd.client_key.display(),
+        sshd.user
+    );
+    let mut jump_cmd = Command::new("ssh");
+    jump_cmd.args(["-N", "-v"]);
+    common(&mut jump_cmd);
+    jump_cmd.args([
+        "-o",
+        &proxy,
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        &format!("127.0.0.1:{jump_port}:127.0.0.1:{}", target.port),
+        &format!("{}@127.0.0.1", sshd.user),
+    ]);
+    let ssh_jump = CliProc::spawn(&mut jump_cmd);
+    ssh_jump
+        .wait_line(T, |l| l.contains("Local forwarding listening on 127.0.0.1"))
+        .unwrap_or_else(|| panic!("ssh -J did not start:\n{}", ssh_jump.stderr()));
+    let jump_addr: SocketAddr = ([127, 0, 0, 1], jump_port).into();
     eprintln!(
-        "pids: broker={} agent={} cli={} ssh={}",
+        "pids: broker={} agent={} cli={} ssh={} ssh-J={}",
         s.broker.process.pid(),
         s.agent.pid(),
         open.child.id(),
-        ssh.child.id()
+        ssh.child.id(),
+        ssh_jump.child.id()
     );
     let wait = env_or("BULWARK_TUNNEL_BENCH_WAIT_SECS", 0u64);
     if wait > 0 {
@@ -1790,13 +1852,21 @@ fn throughput_and_latency_vs_ssh_forwarding() {
     }
     let tunnel_pids = vec![s.broker.process.pid(), s.agent.pid(), open.child.id()];
     let ssh_client_pid = ssh.child.id();
+    let jump_client_pid = ssh_jump.child.id();
     // The processes that carry a path's bytes (besides this test's client and target).
+    // sshd's session processes of the other ssh path sit idle meanwhile.
     let path_pids = |name: &str| -> Vec<u32> {
         match name {
             "bulwark-tunnel" => tunnel_pids.clone(),
             "ssh-L" => {
                 let mut v = sshd_pids();
                 v.push(ssh_client_pid);
+                v
+            }
+            "ssh-J" => {
+                let mut v = sshd_pids();
+                v.push(jump_client_pid);
+                v.extend(children_of(jump_client_pid));
                 v
             }
             _ => Vec::new(),
@@ -1806,6 +1876,7 @@ fn throughput_and_latency_vs_ssh_forwarding() {
         ("direct", target_addr),
         ("bulwark-tunnel", tunnel_addr),
         ("ssh-L", ssh_addr),
+        ("ssh-J", jump_addr),
     ]
     .into_iter()
     .filter(|(name, _)| {
@@ -1930,6 +2001,7 @@ fn throughput_and_latency_vs_ssh_forwarding() {
             )
         );
     }
+    drop(ssh_jump);
     drop(ssh);
     drop(open);
 }
