@@ -91,6 +91,12 @@ impl Signals {
     /// many subscribers that are still sending the last one costs an atomic operation
     /// each, not a wake-up).
     pub fn notify(&self, w: Wakeup) {
+        // What the permit announces (queued messages, a takeover) is kept under the
+        // router's lock, which the connection takes to act on it: a permit seen set needs
+        // no locked operation either.
+        if self.set.load(Ordering::Acquire) & w as u8 != 0 {
+            return;
+        }
         if self.set.fetch_or(w as u8, Ordering::AcqRel) & w as u8 == 0 {
             self.waker.wake();
         }

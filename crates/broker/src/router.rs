@@ -424,28 +424,27 @@ impl Router {
         // A session with a single subscription matches once and is served at once; only
         // the matches of sessions with several subscriptions are sorted to find repeats
         // (sorting every match by client id cost a string comparison per step).
-        let mut targets: Vec<(Arc<str>, QoS)> = Vec::new();
-        st.trie
-            .for_each_match(&msg.topic, |cid, q| targets.push((cid.clone(), *q)));
+        // The trie's keys are borrowed, not cloned: no reference counting per match.
+        let State { sessions, trie, .. } = st;
         let acl = self.authority.acl();
-        let mut several: Vec<(Arc<str>, QoS)> = Vec::new();
-        for (cid, sub_qos) in targets {
-            let Some(s) = st.sessions.get_mut(&cid) else {
-                continue;
+        let mut several: Vec<(&Arc<str>, QoS)> = Vec::new();
+        trie.for_each_match(&msg.topic, |cid, &sub_qos| {
+            let Some(s) = sessions.get_mut(cid) else {
+                return;
             };
             if s.subscriptions.len() > 1 {
                 several.push((cid, sub_qos));
-                continue;
+                return;
             }
             wrote |= self.deliver(s, &acl, &msg, sub_qos);
-        }
+        });
         if several.len() > 1 {
             // Highest QoS first within each client id, then keep the first of each.
-            several.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            several.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
             several.dedup_by(|later, earlier| later.0 == earlier.0);
         }
         for (cid, sub_qos) in several {
-            if let Some(s) = st.sessions.get_mut(&cid) {
+            if let Some(s) = sessions.get_mut(cid) {
                 wrote |= self.deliver(s, &acl, &msg, sub_qos);
             }
         }
@@ -466,10 +465,12 @@ impl Router {
     }
 
     fn enqueue(&self, s: &mut Session, msg: Arc<Message>, qos: QoS, retain: bool) -> bool {
-        match s.enqueue(msg.clone(), qos, retain, &self.queue_limits) {
+        // The queue takes `msg`; a second reference only where the store needs one.
+        let for_store = (s.persistent && qos != QoS::AtMostOnce).then(|| msg.clone());
+        match s.enqueue(msg, qos, retain, &self.queue_limits) {
             Enqueued::Queued { seq } => {
                 let mut wrote = false;
-                if s.persistent && qos != QoS::AtMostOnce {
+                if let Some(msg) = for_store {
                     let record = crate::store::QueuedRecord {
                         message: msg.to_stored(qos, retain),
                         pkid: 0,

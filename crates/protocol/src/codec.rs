@@ -9,7 +9,7 @@
 //! Encoding checks what the wire format and the spec require of a sender (packet
 //! identifiers, field lengths, non-empty lists) and writes nothing when it fails.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf as _, BufMut, Bytes, BytesMut};
 
 use crate::packet::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, ProtocolLevel, Publish, QoS, SubAck,
@@ -203,9 +203,37 @@ pub fn decode(buf: &mut BytesMut, limits: &DecodeLimits) -> Result<Option<Packet
         // Wait for the body; do not reserve room for it from the declared length.
         return Ok(None);
     }
+    if let Some(packet) = decode_in_place(&header, &buf[header.header_len..header.packet_len()]) {
+        buf.advance(header.packet_len());
+        return packet.map(Some);
+    }
     let mut frame = buf.split_to(header.packet_len()).freeze();
     let body = frame.split_off(header.header_len);
     decode_body(&header, Reader { buf: body }).map(Some)
+}
+
+/// The packets whose body is at most a packet identifier (acknowledgements, PINGREQ,
+/// PINGRESP, DISCONNECT), decoded from the buffer in place: no shared handle on it, so
+/// no reference counting per acknowledgement. `None` for the other packet types.
+/// [`peek_fixed_header`] has checked the remaining length of these (2 or 0).
+fn decode_in_place(header: &FixedHeader, body: &[u8]) -> Option<Result<Packet, DecodeError>> {
+    use packet_type::*;
+    let pkid = || match body {
+        [0, 0] => Err(DecodeError::Malformed("packet identifier 0")),
+        [hi, lo] => Ok(u16::from_be_bytes([*hi, *lo])),
+        _ => Err(TRUNCATED),
+    };
+    Some(match header.packet_type {
+        PUBACK => pkid().map(Packet::PubAck),
+        PUBREC => pkid().map(Packet::PubRec),
+        PUBREL => pkid().map(Packet::PubRel),
+        PUBCOMP => pkid().map(Packet::PubComp),
+        UNSUBACK => pkid().map(Packet::UnsubAck),
+        PINGREQ if body.is_empty() => Ok(Packet::PingReq),
+        PINGRESP if body.is_empty() => Ok(Packet::PingResp),
+        DISCONNECT if body.is_empty() => Ok(Packet::Disconnect),
+        _ => return None,
+    })
 }
 
 /// Appends the wire form of `packet` to `buf`.
@@ -1565,5 +1593,71 @@ mod tests {
         assert!(remaining > MAX_REMAINING_LENGTH);
         assert_eq!(enc_err(&p), EncodeError::TooLarge(remaining));
         assert_eq!(encoded_len(&p), 5 + remaining);
+    }
+
+    /// The in-place path for acknowledgements and the empty packets gives what the general
+    /// path gives (packet or error), and consumes exactly one packet either way.
+    #[test]
+    fn packets_decoded_in_place_match_the_general_path() {
+        use packet_type::*;
+        let kinds = [
+            (PUBACK, 0x40u8, 2usize),
+            (PUBREC, 0x50, 2),
+            (PUBREL, 0x62, 2),
+            (PUBCOMP, 0x70, 2),
+            (UNSUBACK, 0xb0, 2),
+            (PINGREQ, 0xc0, 0),
+            (PINGRESP, 0xd0, 0),
+            (DISCONNECT, 0xe0, 0),
+        ];
+        for (kind, first, len) in kinds {
+            let bodies: Vec<Vec<u8>> = if len == 0 {
+                vec![vec![]]
+            } else {
+                [0u16, 1, 2, 255, 256, 0x7fff, 0xfffe, 0xffff]
+                    .iter()
+                    .map(|id| id.to_be_bytes().to_vec())
+                    .collect()
+            };
+            for body in bodies {
+                let header = FixedHeader {
+                    packet_type: kind,
+                    flags: first & 0x0f,
+                    remaining_length: len,
+                    header_len: 2,
+                };
+                let general = decode_body(
+                    &header,
+                    Reader {
+                        buf: Bytes::from(body.clone()),
+                    },
+                );
+                let in_place = decode_in_place(&header, &body).expect("decoded in place");
+                assert_eq!(in_place, general, "type {kind}, body {body:?}");
+                // Followed by another packet: exactly this one is consumed, error or not.
+                let mut wire = BytesMut::from(&packet(first, &body)[..]);
+                wire.extend_from_slice(&[0xc0, 0]);
+                assert_eq!(decode(&mut wire, &LIMITS).map(|p| p.unwrap()), general);
+                assert_eq!(dec(&wire), Ok(Some(Packet::PingReq)), "type {kind}");
+            }
+        }
+        assert_eq!(
+            dec(&[0x40, 2, 0, 0]),
+            Err(DecodeError::Malformed("packet identifier 0"))
+        );
+        assert_eq!(
+            dec(&[0x40, 2, 0x12, 0x34]),
+            Ok(Some(Packet::PubAck(0x1234)))
+        );
+        // Types with a body of their own take the general path.
+        for kind in [CONNECT, CONNACK, PUBLISH, SUBSCRIBE, SUBACK, UNSUBSCRIBE] {
+            let header = FixedHeader {
+                packet_type: kind,
+                flags: 0,
+                remaining_length: 2,
+                header_len: 2,
+            };
+            assert!(decode_in_place(&header, &[0, 1]).is_none(), "type {kind}");
+        }
     }
 }

@@ -122,7 +122,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
     ///
     /// Same semantics as [`TopicFilter::matches`]: `+` matches one level, `#` its parent and
     /// everything below, and wildcards at the first level never match a `$` topic.
-    pub fn for_each_match(&self, topic: &TopicName, mut f: impl FnMut(&K, &V)) {
+    pub fn for_each_match<'a>(&'a self, topic: &TopicName, mut f: impl FnMut(&'a K, &'a V)) {
         let dollar = topic.is_dollar();
         let mut emit = |idx: usize| {
             for (k, v) in &self.nodes[idx].here {
