@@ -764,7 +764,13 @@ impl Connection {
                     self.last_activity = Instant::now();
                     self.touch_idle(self.last_activity);
                     match Box::pin(self.process_input()).await {
-                        Ok(None) => Ok(()),
+                        Ok(None) => {
+                            // The subscribers this batch's messages woke send them before
+                            // this connection looks for more input (a read that finds
+                            // nothing is a system call ahead of their writes).
+                            tokio::task::yield_now().await;
+                            Ok(())
+                        }
                         Ok(Some(end)) | Err(end) => Err(end),
                     }
                 }
