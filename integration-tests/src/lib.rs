@@ -213,6 +213,8 @@ pub struct BrokerConfig {
     pub ports: HashMap<&'static str, u16>,
     /// Give the TLS listeners the PKI's CRL.
     pub crl: bool,
+    /// Run the broker on one CPU (`taskset`), where its runtime is single-threaded.
+    pub one_cpu: bool,
 }
 
 impl Default for BrokerConfig {
@@ -228,6 +230,7 @@ impl Default for BrokerConfig {
             persistence: true,
             ports: HashMap::new(),
             crl: false,
+            one_cpu: false,
         }
     }
 }
@@ -310,7 +313,12 @@ impl BrokerProcess {
     /// Writes `config` to `dir/broker.toml`, starts the broker and waits until every one
     /// of its `listeners` logged "listening".
     pub fn start(config: &str, dir: &Path, listeners: usize) -> BrokerProcess {
-        let mut p = BrokerProcess::spawn(config, dir);
+        Self::start_on(config, dir, listeners, false)
+    }
+
+    /// [`BrokerProcess::start`], on one CPU if `one_cpu` (see [`BrokerConfig::one_cpu`]).
+    pub fn start_on(config: &str, dir: &Path, listeners: usize, one_cpu: bool) -> BrokerProcess {
+        let mut p = Self::spawn_program("bulwark-broker", "broker.toml", config, dir, &[], one_cpu);
         let deadline = Instant::now() + Duration::from_secs(30);
         while p.addrs.len() < listeners {
             let found = p.wait_log(deadline.saturating_duration_since(Instant::now()), |v| {
@@ -338,19 +346,19 @@ impl BrokerProcess {
 
     /// Starts the broker without waiting for anything (for start-up failure tests).
     pub fn spawn(config: &str, dir: &Path) -> BrokerProcess {
-        Self::spawn_program("bulwark-broker", "broker.toml", config, dir, &[])
+        Self::spawn_program("bulwark-broker", "broker.toml", config, dir, &[], false)
     }
 
     /// Starts `bulwark-agent run` with `config` (written to `dir/agent.toml`); its JSON log
     /// is collected like the broker's.
     pub fn spawn_agent(config: &str, dir: &Path) -> BrokerProcess {
-        Self::spawn_program("bulwark-agent", "agent.toml", config, dir, &[])
+        Self::spawn_program("bulwark-agent", "agent.toml", config, dir, &[], false)
     }
 
     /// [`BrokerProcess::spawn_agent`] with extra environment variables (e.g. the agent's
     /// `BULWARK_AGENT_CRASH_POINT` test hook).
     pub fn spawn_agent_with_env(config: &str, dir: &Path, env: &[(&str, &str)]) -> BrokerProcess {
-        Self::spawn_program("bulwark-agent", "agent.toml", config, dir, env)
+        Self::spawn_program("bulwark-agent", "agent.toml", config, dir, env, false)
     }
 
     fn spawn_program(
@@ -359,10 +367,19 @@ impl BrokerProcess {
         config: &str,
         dir: &Path,
         env: &[(&str, &str)],
+        one_cpu: bool,
     ) -> BrokerProcess {
         let config_path = dir.join(file);
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(bin_path(bin))
+        let mut command = if one_cpu {
+            // taskset executes the program in its own process: the pid stays the broker's.
+            let mut c = Command::new("taskset");
+            c.args(["-c", &first_allowed_cpu()]).arg(bin_path(bin));
+            c
+        } else {
+            Command::new(bin_path(bin))
+        };
+        let mut child = command
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
             .env("BULWARK_LOG", "debug")
@@ -541,7 +558,8 @@ impl TestBroker {
         let pki = TestPki::new();
         let data = tempfile::tempdir().unwrap();
         let text = config.render(&pki, data.path());
-        let process = BrokerProcess::start(&text, data.path(), config.listener_count());
+        let process =
+            BrokerProcess::start_on(&text, data.path(), config.listener_count(), config.one_cpu);
         TestBroker {
             pki,
             data,
@@ -569,7 +587,8 @@ impl TestBroker {
             }
         }
         let text = cfg.render(&self.pki, self.data.path());
-        self.process = BrokerProcess::start(&text, self.data.path(), cfg.listener_count());
+        self.process =
+            BrokerProcess::start_on(&text, self.data.path(), cfg.listener_count(), cfg.one_cpu);
     }
 }
 
@@ -893,6 +912,22 @@ pub mod mqtt {
             self.task.abort();
         }
     }
+}
+
+/// The first CPU this process may run on (`Cpus_allowed_list` in /proc/self/status).
+fn first_allowed_cpu() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .and_then(|v| {
+            v.trim()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .map(str::to_string)
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "0".to_string())
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; for configurations that must name

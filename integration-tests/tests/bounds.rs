@@ -1472,7 +1472,24 @@ fn wait_parked(metrics: SocketAddr, n: u64) {
 
 #[test]
 fn parked_connections_are_woken_by_deliveries_packets_close_and_takeover() {
-    let b = start_with("park_idle_after_ms = 50", METRICS_ON, false);
+    parked_connections_are_woken(false);
+}
+
+/// The same on one CPU, where the broker's runtime is single-threaded: a resumed
+/// connection is served before its park timer can send it back to the lot.
+#[test]
+fn parked_connections_are_woken_on_one_cpu() {
+    parked_connections_are_woken(true);
+}
+
+fn parked_connections_are_woken(one_cpu: bool) {
+    let b = TestBroker::start(BrokerConfig {
+        tls: false,
+        wss: false,
+        extra: format!("[limits]\npark_idle_after_ms = 50\n{METRICS_ON}"),
+        one_cpu,
+        ..BrokerConfig::default()
+    });
     let metrics = metrics_addr(&b.process);
     let addr = b.addr("tcp");
     let mut sub = Mq::connect_ok(addr, "park-sub");

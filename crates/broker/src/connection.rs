@@ -211,6 +211,11 @@ async fn resumed(mut connection: Box<Connection>) {
             tracing::debug!(error = %e, "could not give a parked connection back to the runtime");
             return Box::pin(connection.finish(End::Io)).await;
         }
+        // Something woke it (its socket, a signal, its keepalive): the idle time starts
+        // over. Otherwise the park timer, already due, could win before the runtime has
+        // seen the socket readable, and the connection would go back to the lot unread
+        // (over and over on a single-threaded runtime).
+        connection.touch_idle(Instant::now());
         drive(connection, false).await
     }
     .instrument(span)

@@ -336,10 +336,7 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_BAD_CONFIG as u8);
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime_builder().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -348,6 +345,17 @@ fn main() -> ExitCode {
             };
             rt.block_on(run(config))
         }
+    }
+}
+
+/// One worker thread per CPU the process may run on; with a single CPU (a small gateway
+/// or VM, or a broker pinned with taskset) the runtime runs every connection on the main
+/// thread, without a multi-threaded scheduler's hand-offs between workers.
+fn runtime_builder() -> tokio::runtime::Builder {
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() == 1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     }
 }
 
