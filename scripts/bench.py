@@ -12,6 +12,8 @@ targets go to stdout, BENCHMARKS.md and bench/ratios.svg.
 Environment (all optional):
   BENCH_SCALE=0.2           scale message, client and topic counts (not publishers/subscribers)
   BENCH_ROUNDS=3            pinned rounds
+  BENCH_LATENCY_ROUNDS=7    pinned rounds of the latency scenarios (at least BENCH_ROUNDS):
+                            a 5-second run's p50 and p99 swing by ±20 % on a shared machine
   BENCH_UNPINNED_ROUNDS=1   unpinned rounds (0: no unpinned pass)
   BENCH_ONLY=a,b            scenarios (or prefixes: fan-in, latency, ...; agent, tunnel)
   BENCH_BROKERS=...         subset of bulwark,bulwark-sync,mosquitto,rumqttd
@@ -1024,10 +1026,16 @@ def write_report(results, meta, brokers, step_errors):
         rows = build_rows(agg, present)
         if all_rows is None:
             all_rows = rows  # the chart shows the pinned pass, or the unpinned one alone
-        rounds = sorted({r.get("round") for r in results if bool(r.get("pinned")) == pinned and r.get("round") is not None})
+        in_pass = [r for r in results if bool(r.get("pinned")) == pinned and r.get("round") is not None]
+        rounds = sorted({r.get("round") for r in in_pass if r.get("scenario") != "latency"} or
+                        {r.get("round") for r in in_pass})
+        lat_rounds = sorted({r.get("round") for r in in_pass if r.get("scenario") == "latency"})
+        count = f"{len(rounds)} round(s)"
+        if lat_rounds and len(lat_rounds) != len(rounds):
+            count += f", latency {len(lat_rounds)}"
         title = (f"Pinned (broker on CPU {meta.get('pinned_cpus', ['?', '?'])[0]}, generator on CPU "
-                 f"{meta.get('pinned_cpus', ['?', '?'])[1]}), medians of {len(rounds)} round(s)") if pinned \
-            else f"Unpinned (scheduler's choice), medians of {len(rounds)} round(s)"
+                 f"{meta.get('pinned_cpus', ['?', '?'])[1]}), medians of {count}") if pinned \
+            else f"Unpinned (scheduler's choice), medians of {count}"
         table = markdown_table(rows, present)
         problems = loud_problems(agg)
         sections.append((title, table, details_table(agg, present), problems))
@@ -1052,7 +1060,8 @@ def write_report(results, meta, brokers, step_errors):
             md.append(f"- {b}: {versions[b]}")
     md.append(
         f"- Sizes: BENCH_SCALE={meta.get('scale')} (1 = full size), payload {meta.get('payload')} bytes, "
-        f"generator window {meta.get('window')}, rounds: {meta.get('rounds')} pinned, {meta.get('unpinned_rounds')} unpinned."
+        f"generator window {meta.get('window')}, rounds: {meta.get('rounds')} pinned "
+        f"({meta.get('latency_rounds', meta.get('rounds'))} for the latency scenarios), {meta.get('unpinned_rounds')} unpinned."
     )
     loads = [r["load1"] for r in results if isinstance(r.get("load1"), (int, float))]
     if loads:
@@ -1193,6 +1202,23 @@ def pick_cpus():
     return (cpus[0], cpus[1])
 
 
+def run_plan(chosen, brokers, rounds, latency_rounds, unpinned_rounds):
+    """The runs in order, as (pinned, round, scenario, broker): pinned rounds, then unpinned
+    ones; in each round every scenario against every broker, the brokers' order rotated.
+    The latency scenarios (short, and the noisiest) have pinned rounds up to latency_rounds;
+    the others stop at rounds."""
+    top = max(rounds, latency_rounds) if any(sc.command == "latency" for sc in chosen) else rounds
+    out = []
+    for pinned, n in ((True, top), (False, unpinned_rounds)):
+        for rnd in range(n):
+            for sc in chosen:
+                if pinned and rnd >= rounds and sc.command != "latency":
+                    continue
+                for label in rotated(brokers, rnd + (0 if pinned else 1)):
+                    out.append((pinned, rnd, sc, label))
+    return out
+
+
 def main():
     _raise_nofile()
     atexit.register(cleanup)
@@ -1202,6 +1228,7 @@ def main():
 
     scale = env_float("BENCH_SCALE", 1.0)
     rounds = env_int("BENCH_ROUNDS", 3)
+    latency_rounds = max(rounds, env_int("BENCH_LATENCY_ROUNDS", 7))
     unpinned_rounds = env_int("BENCH_UNPINNED_ROUNDS", 1)
     payload = env_int("BENCH_PAYLOAD", 64)
     window = env_int("BENCH_WINDOW", 100)
@@ -1262,6 +1289,7 @@ def main():
         "payload": payload,
         "window": window,
         "rounds": rounds,
+        "latency_rounds": latency_rounds,
         "unpinned_rounds": unpinned_rounds,
         "brokers": brokers,
         "pinned_cpus": list(pinned_cpus) if pinned_cpus else ["-", "-"],
@@ -1286,39 +1314,37 @@ def main():
             print(f"bench: WARNING: {busy}", flush=True)
         if results_path.exists():
             results_path.replace(RUN / "results.prev.jsonl")
-        passes = [(True, r) for r in range(rounds)] + [(False, r) for r in range(unpinned_rounds)]
-        total = len(passes) * len(chosen) * len(brokers)
+        plan = run_plan(chosen, brokers, rounds, latency_rounds, unpinned_rounds)
+        total = len(plan)
         n = 0
         started = time.monotonic()
         with open(results_path, "w") as rf:
-            for pinned, rnd in passes:
-                for sc in chosen:
-                    for label in rotated(brokers, rnd + (0 if pinned else 1)):
-                        n += 1
-                        run_id = f"{'p' if pinned else 'u'}{rnd + 1}-{sc.name}-{label}"
-                        load_before = os.getloadavg()[0]
-                        b = start_broker(env, label, run_id, pinned)
-                        t0 = time.monotonic()
-                        try:
-                            rec, err = run_generator(env, sc, b, pinned, run_id)
-                        finally:
-                            crashed, rc = stop_broker(env, b)
-                        rec = rec or {}
-                        rec.update(scenario_id=sc.name, broker=label, round=rnd + 1, pinned=pinned,
-                                   wall_s=round(time.monotonic() - t0, 2), load1=round(load_before, 2))
-                        rec.setdefault("scenario", sc.command)
-                        if err:
-                            rec["error"] = err
-                        if crashed:
-                            rec["broker_crashed"] = True
-                            rec["broker_exit"] = rc
-                            rec["error"] = (rec.get("error") + "; " if rec.get("error") else "") + \
-                                f"{label} exited (code {rc}) during the run; {broker_logs(b, 10)}"
-                        rf.write(json.dumps(rec) + "\n")
-                        rf.flush()
-                        results.append(rec)
-                        print(f"[{n}/{total} {'pinned' if pinned else 'unpinned'} r{rnd + 1}] {sc.name:15} {label:13} "
-                              + summary(sc, rec), flush=True)
+            for pinned, rnd, sc, label in plan:
+                n += 1
+                run_id = f"{'p' if pinned else 'u'}{rnd + 1}-{sc.name}-{label}"
+                load_before = os.getloadavg()[0]
+                b = start_broker(env, label, run_id, pinned)
+                t0 = time.monotonic()
+                try:
+                    rec, err = run_generator(env, sc, b, pinned, run_id)
+                finally:
+                    crashed, rc = stop_broker(env, b)
+                rec = rec or {}
+                rec.update(scenario_id=sc.name, broker=label, round=rnd + 1, pinned=pinned,
+                           wall_s=round(time.monotonic() - t0, 2), load1=round(load_before, 2))
+                rec.setdefault("scenario", sc.command)
+                if err:
+                    rec["error"] = err
+                if crashed:
+                    rec["broker_crashed"] = True
+                    rec["broker_exit"] = rc
+                    rec["error"] = (rec.get("error") + "; " if rec.get("error") else "") + \
+                        f"{label} exited (code {rc}) during the run; {broker_logs(b, 10)}"
+                rf.write(json.dumps(rec) + "\n")
+                rf.flush()
+                results.append(rec)
+                print(f"[{n}/{total} {'pinned' if pinned else 'unpinned'} r{rnd + 1}] {sc.name:15} {label:13} "
+                      + summary(sc, rec), flush=True)
         print(f"bench: {n} runs in {time.monotonic() - started:.0f} s", flush=True)
     else:
         results = read_jsonl(results_path)

@@ -56,6 +56,23 @@ class Helpers(unittest.TestCase):
         self.assertEqual(bench.rotated([1, 2, 3], 4), [2, 3, 1])
         self.assertEqual(bench.rotated([], 2), [])
 
+    def test_run_plan_gives_latency_extra_pinned_rounds(self):
+        fan = bench.Scenario("fan-in-qos0", "fan-in", False, [])
+        lat = bench.Scenario("latency-qos0", "latency", False, [])
+        plan = bench.run_plan([fan, lat], ["a", "b"], 3, 7, 1)
+        runs = lambda name, pinned: [(r, b) for p, r, sc, b in plan if sc.name == name and p == pinned]
+        self.assertEqual([r for r, _ in runs("fan-in-qos0", True)], [0, 0, 1, 1, 2, 2])
+        self.assertEqual(sorted({r for r, _ in runs("latency-qos0", True)}), list(range(7)))
+        self.assertEqual(len(runs("latency-qos0", True)), 14)
+        self.assertEqual(len(runs("fan-in-qos0", False)), 2)
+        self.assertEqual(len(runs("latency-qos0", False)), 2)
+        # The brokers' order turns every round; the pinned passes come first.
+        self.assertEqual(runs("latency-qos0", True)[:4], [(0, "a"), (0, "b"), (1, "b"), (1, "a")])
+        self.assertTrue(all(p for p, *_ in plan[:20]) and not any(p for p, *_ in plan[20:]))
+        # Without a latency scenario, or with fewer latency rounds asked: the common count.
+        self.assertEqual(len(bench.run_plan([fan], ["a"], 3, 7, 0)), 3)
+        self.assertEqual(len(bench.run_plan([lat], ["a"], 3, 1, 0)), 3)
+
     def test_scaled(self):
         self.assertEqual(bench.scaled(200000, 0.1), 20000)
         self.assertEqual(bench.scaled(50, 0.01, 2), 2)
