@@ -1014,6 +1014,14 @@ impl SshServer {
 
     /// `ssh` options for a non-interactive login with the test key and no host-key prompt.
     pub fn client_args(&self) -> Vec<String> {
+        let mut v = self.login_args();
+        v.extend(["-o".into(), "LogLevel=ERROR".into()]);
+        v
+    }
+
+    /// [`SshServer::client_args`] without the log level (for an ssh whose `-v` output is
+    /// read).
+    pub fn login_args(&self) -> Vec<String> {
         vec![
             "-i".into(),
             self.client_key.display().to_string(),
@@ -1023,8 +1031,6 @@ impl SshServer {
             "UserKnownHostsFile=/dev/null".into(),
             "-o".into(),
             "BatchMode=yes".into(),
-            "-o".into(),
-            "LogLevel=ERROR".into(),
         ]
     }
 }

@@ -1663,6 +1663,34 @@ fn sshd_pids() -> Vec<u32> {
         .collect()
 }
 
+/// `ssh -N -L` from a free local port to `target_port` through `sshd`, with `cipher` and
+/// the `extra` options, once it listens: the process (its `-v` output on stderr) and the
+/// local address.
+fn ssh_forward(
+    sshd: &SshServer,
+    cipher: &str,
+    target_port: u16,
+    extra: &[&str],
+) -> (CliProc, SocketAddr) {
+    let port = free_port();
+    let ssh = CliProc::spawn(
+        Command::new("ssh")
+            .args(["-N", "-v", "-c", cipher, "-p", &sshd.port.to_string()])
+            .args(sshd.login_args())
+            .args(extra)
+            .args([
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-L",
+                &format!("127.0.0.1:{port}:127.0.0.1:{target_port}"),
+                &format!("{}@127.0.0.1", sshd.user),
+            ]),
+    );
+    ssh.wait_line(T, |l| l.contains("Local forwarding listening on 127.0.0.1"))
+        .unwrap_or_else(|| panic!("ssh {extra:?} -L did not start:\n{}", ssh.stderr()));
+    (ssh, ([127, 0, 0, 1], port).into())
+}
+
 /// The processes whose parent is `pid` (ssh's ProxyCommand).
 fn children_of(pid: u32) -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -1769,75 +1797,24 @@ fn throughput_and_latency_vs_ssh_forwarding() {
     let sshd = SshServer::start();
     let s = setup(&format!("web = \"127.0.0.1:{}\"", target.port), "");
     let (open, tunnel_addr) = open_cli(&s, "alice", "web");
-    let ssh_port = free_port();
     let cipher = "aes128-gcm@openssh.com";
-    let ssh = CliProc::spawn(
-        Command::new("ssh")
-            .args(["-N", "-v", "-c", cipher, "-p", &sshd.port.to_string(), "-i"])
-            .arg(&sshd.client_key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-L",
-                &format!("127.0.0.1:{ssh_port}:127.0.0.1:{}", target.port),
-                &format!("{}@127.0.0.1", sshd.user),
-            ]),
-    );
-    ssh.wait_line(T, |l| l.contains("Local forwarding listening on 127.0.0.1"))
-        .unwrap_or_else(|| panic!("ssh -L did not start:\n{}", ssh.stderr()));
+    let (ssh, ssh_addr) = ssh_forward(&sshd, cipher, target.port, &[]);
     assert!(
         ssh.stderr().contains(&format!("cipher: {cipher}")),
         "ssh did not negotiate {cipher}:\n{}",
         ssh.stderr()
     );
-    let ssh_addr: SocketAddr = ([127, 0, 0, 1], ssh_port).into();
     // The same forwarding through a jump host (`ssh -J`, spelled out as the ProxyCommand
     // it stands for, so that the jump leg uses the same key and cipher): the relayed
     // shape of the tunnel. The bytes go client → ssh → (pipe) ssh -W → sshd (the jump
     // host) → sshd (the target host) → target: four TCP hops, both legs encrypted.
-    let jump_port = free_port();
-    let common = |c: &mut Command| {
-        c.args(["-c", cipher, "-p", &sshd.port.to_string(), "-i"])
-            .arg(&sshd.client_key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-            ]);
-    };
     let proxy = format!(
-        "ProxyCommand=ssh -c {cipher} -p {} -i {} -o StrictHostKeyChecking=no \
-         -o UserKnownHostsFile=/dev/null -o BatchMode=yes -W %h:%p {}@127.0.0.1",
+        "ProxyCommand=ssh -c {cipher} -p {} {} -W %h:%p {}@127.0.0.1",
         sshd.port,
-        sshd.client_key.display(),
+        sshd.login_args().join(" "),
         sshd.user
     );
-    let mut jump_cmd = Command::new("ssh");
-    jump_cmd.args(["-N", "-v"]);
-    common(&mut jump_cmd);
-    jump_cmd.args([
-        "-o",
-        &proxy,
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-L",
-        &format!("127.0.0.1:{jump_port}:127.0.0.1:{}", target.port),
-        &format!("{}@127.0.0.1", sshd.user),
-    ]);
-    let ssh_jump = CliProc::spawn(&mut jump_cmd);
-    ssh_jump
-        .wait_line(T, |l| l.contains("Local forwarding listening on 127.0.0.1"))
-        .unwrap_or_else(|| panic!("ssh -J did not start:\n{}", ssh_jump.stderr()));
-    let jump_addr: SocketAddr = ([127, 0, 0, 1], jump_port).into();
+    let (ssh_jump, jump_addr) = ssh_forward(&sshd, cipher, target.port, &["-o", &proxy]);
     eprintln!(
         "pids: broker={} agent={} cli={} ssh={} ssh-J={}",
         s.broker.process.pid(),

@@ -215,13 +215,24 @@ pub fn decode(buf: &mut BytesMut, limits: &DecodeLimits) -> Result<Option<Packet
 /// The packets whose body is at most a packet identifier (acknowledgements, PINGREQ,
 /// PINGRESP, DISCONNECT), decoded from the buffer in place: no shared handle on it, so
 /// no reference counting per acknowledgement. `None` for the other packet types.
-/// [`peek_fixed_header`] has checked the remaining length of these (2 or 0).
 fn decode_in_place(header: &FixedHeader, body: &[u8]) -> Option<Result<Packet, DecodeError>> {
     use packet_type::*;
-    let pkid = || match body {
-        [0, 0] => Err(DecodeError::Malformed("packet identifier 0")),
-        [hi, lo] => Ok(u16::from_be_bytes([*hi, *lo])),
-        _ => Err(TRUNCATED),
+    let pkid = || {
+        let [hi, lo, rest @ ..] = body else {
+            return Err(TRUNCATED);
+        };
+        match u16::from_be_bytes([*hi, *lo]) {
+            0 => Err(PKID_ZERO),
+            _ if !rest.is_empty() => Err(LEFT_OVER),
+            id => Ok(id),
+        }
+    };
+    let empty = |p| {
+        if body.is_empty() {
+            Ok(p)
+        } else {
+            Err(LEFT_OVER)
+        }
     };
     Some(match header.packet_type {
         PUBACK => pkid().map(Packet::PubAck),
@@ -229,9 +240,9 @@ fn decode_in_place(header: &FixedHeader, body: &[u8]) -> Option<Result<Packet, D
         PUBREL => pkid().map(Packet::PubRel),
         PUBCOMP => pkid().map(Packet::PubComp),
         UNSUBACK => pkid().map(Packet::UnsubAck),
-        PINGREQ if body.is_empty() => Ok(Packet::PingReq),
-        PINGRESP if body.is_empty() => Ok(Packet::PingResp),
-        DISCONNECT if body.is_empty() => Ok(Packet::Disconnect),
+        PINGREQ => empty(Packet::PingReq),
+        PINGRESP => empty(Packet::PingResp),
+        DISCONNECT => empty(Packet::Disconnect),
         _ => return None,
     })
 }
@@ -429,6 +440,8 @@ struct Reader {
     buf: Bytes,
 }
 
+const PKID_ZERO: DecodeError = DecodeError::Malformed("packet identifier 0");
+const LEFT_OVER: DecodeError = DecodeError::Malformed("bytes left over after the last field");
 const TRUNCATED: DecodeError = DecodeError::Malformed("a field runs past the end of the packet");
 
 impl Reader {
@@ -449,7 +462,7 @@ impl Reader {
 
     fn pkid(&mut self) -> Result<u16, DecodeError> {
         match self.u16()? {
-            0 => Err(DecodeError::Malformed("packet identifier 0")),
+            0 => Err(PKID_ZERO),
             pkid => Ok(pkid),
         }
     }
@@ -500,30 +513,24 @@ impl Reader {
         if self.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError::Malformed(
-                "bytes left over after the last field",
-            ))
+            Err(LEFT_OVER)
         }
     }
 }
 
 fn decode_body(header: &FixedHeader, mut r: Reader) -> Result<Packet, DecodeError> {
     use packet_type::*;
+    // Acknowledgements and the empty packets have one decoder, the in-place one.
+    if let Some(packet) = decode_in_place(header, &r.buf) {
+        return packet;
+    }
     let packet = match header.packet_type {
         CONNECT => Packet::Connect(decode_connect(&mut r)?),
         CONNACK => Packet::ConnAck(decode_connack(&mut r)?),
         PUBLISH => Packet::Publish(decode_publish(header.flags, &mut r)?),
-        PUBACK => Packet::PubAck(r.pkid()?),
-        PUBREC => Packet::PubRec(r.pkid()?),
-        PUBREL => Packet::PubRel(r.pkid()?),
-        PUBCOMP => Packet::PubComp(r.pkid()?),
         SUBSCRIBE => Packet::Subscribe(decode_subscribe(&mut r)?),
         SUBACK => Packet::SubAck(decode_suback(&mut r)?),
         UNSUBSCRIBE => Packet::Unsubscribe(decode_unsubscribe(&mut r)?),
-        UNSUBACK => Packet::UnsubAck(r.pkid()?),
-        PINGREQ => Packet::PingReq,
-        PINGRESP => Packet::PingResp,
-        DISCONNECT => Packet::Disconnect,
         other => return Err(DecodeError::ReservedPacketType(other)),
     };
     r.finish()?;
