@@ -179,19 +179,27 @@ impl Transport {
     pub async fn read_into(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         use futures_util::FutureExt as _;
         match self {
-            Transport::Tcp(s) => loop {
-                reserve_for_read(buf, chunk);
-                match s.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // Poll-based: the waker is kept in the socket's registration, so the waiting
+            // future is a reference, not a waiter node (idle connection memory). Reading
+            // through `poll_read` (not `try_read`) lets tokio take a read that did not
+            // fill the buffer as proof that the socket is drained: the next call waits for
+            // readiness instead of making a system call that finds nothing (one per
+            // message on a connection that sends one at a time).
+            Transport::Tcp(s) => {
+                std::future::poll_fn(|cx| {
+                    if s.poll_read_ready(cx).is_pending() {
                         release_if_empty(buf);
-                        // Poll-based: the waker is kept in the socket's registration, so
-                        // the waiting future is a reference, not a waiter node (idle
-                        // connection memory).
-                        std::future::poll_fn(|cx| s.poll_read_ready(cx)).await?;
+                        return std::task::Poll::Pending;
                     }
-                    r => return r,
-                }
-            },
+                    reserve_for_read(buf, chunk);
+                    let r = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *s), cx, buf);
+                    if r.is_pending() {
+                        release_if_empty(buf);
+                    }
+                    r
+                })
+                .await
+            }
             Transport::Tls(s) => loop {
                 reserve_for_read(buf, chunk);
                 // One poll: decrypted bytes already held by rustls, or what the socket has.
@@ -287,5 +295,53 @@ impl Transport {
             Transport::Parked(s) => s.shutdown(std::net::Shutdown::Both),
             Transport::Gone => Ok(()),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt as _;
+    use std::task::{Context, Poll};
+
+    /// A read that leaves room in the buffer has drained the socket: the transport then
+    /// waits for the socket to become readable again instead of trying a read that would
+    /// find nothing (a system call per message on a connection that sends one at a time).
+    /// While it waits with nothing buffered, it holds no buffer.
+    #[tokio::test]
+    async fn a_read_that_drains_the_socket_clears_its_readiness() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut transport = Transport::Tcp(server);
+        let mut buf = BytesMut::new();
+        for round in 0..3u8 {
+            client.write_all(&[round; 10]).await.unwrap();
+            let n = transport.read_into(&mut buf, READ_CHUNK).await.unwrap();
+            assert_eq!(n, 10, "round {round}");
+            assert_eq!(&buf.split()[..], &[round; 10]);
+            let Transport::Tcp(s) = &transport else {
+                unreachable!()
+            };
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(
+                matches!(s.poll_read_ready(&mut cx), Poll::Pending),
+                "round {round}: the socket still counts as readable after a read drained it"
+            );
+            assert!(transport
+                .read_into(&mut buf, READ_CHUNK)
+                .now_or_never()
+                .is_none());
+            assert_eq!(
+                buf.capacity(),
+                0,
+                "round {round}: an idle wait keeps a buffer"
+            );
+        }
+        // The end of the stream still reads as 0.
+        drop(client);
+        assert_eq!(transport.read_into(&mut buf, READ_CHUNK).await.unwrap(), 0);
     }
 }
