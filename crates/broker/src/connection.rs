@@ -719,6 +719,15 @@ impl Connection {
         // A clone of the never-polled receiver sees a shutdown sent at any time before
         // (a parked connection resumed by it) or during this loop.
         let mut shutdown = self.shared.shutdown.clone();
+        // One wait for shutdown and one timer serve the whole loop. Built anew on every
+        // turn, the timer was put into and taken out of the runtime's timer wheel, and the
+        // shutdown wait into and out of the channel's waiter list, for every packet, ahead
+        // of the packet's handling; a timer moved to a later deadline is only marked.
+        let shutdown_changed = shutdown.changed();
+        tokio::pin!(shutdown_changed);
+        let timer = tokio::time::sleep_until(Instant::now() + TIMER_UNSET);
+        tokio::pin!(timer);
+        let mut timer_at: Option<Instant> = None;
         loop {
             // A client publishing faster than its rate is slowed down: nothing more is read
             // from it until its allowance refills.
@@ -731,7 +740,7 @@ impl Connection {
             };
             if !pause.is_zero() {
                 tokio::select! {
-                    _ = shutdown.changed() => return Outcome::End(End::Shutdown),
+                    _ = &mut shutdown_changed => return Outcome::End(End::Shutdown),
                     _ = tokio::time::sleep(pause) => {}
                 }
                 // Time spent paused by the broker does not count against keepalive.
@@ -741,18 +750,24 @@ impl Connection {
             let park_deadline = self
                 .idle_since()
                 .map(|t| t + self.shared.router.limits().park_idle_after());
-            let timer = match (ka_deadline, park_deadline) {
+            let deadline = match (ka_deadline, park_deadline) {
                 (Some(k), Some(p)) => Some(k.min(p)),
                 (k, p) => k.or(p),
             };
+            if let Some(d) = deadline {
+                if timer_at != Some(d) {
+                    timer.as_mut().reset(d);
+                    timer_at = Some(d);
+                }
+            }
             // The wait holds only the small futures it selects over; handling what it
             // returned (boxed, on the heap while it runs) is not part of an idle task.
             let event = tokio::select! {
-                _ = shutdown.changed() => Event::Shutdown,
+                _ = &mut shutdown_changed => Event::Shutdown,
                 _ = self.signals.notified(Wakeup::Kick) => Event::Kicked,
                 r = self.transport.read_into(&mut self.rbuf, crate::transport::READ_CHUNK) => Event::Read(r),
                 _ = self.signals.notified(Wakeup::Deliveries) => Event::Deliveries,
-                _ = sleep_until_opt(timer) => {
+                _ = &mut timer, if deadline.is_some() => {
                     if ka_deadline.is_some_and(|d| d <= Instant::now()) {
                         Event::KeepaliveExpired
                     } else {
@@ -1454,12 +1469,9 @@ async fn let_woken_tasks_run() {
     .await
 }
 
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
+/// Where the serve loop's timer starts, until a keepalive or park deadline moves it: far
+/// enough to be later than any of them.
+const TIMER_UNSET: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {
