@@ -101,6 +101,28 @@ impl TopicFilter {
         if topic.is_dollar() && self.0.starts_with(['+', '#']) {
             return false;
         }
+        // The common filters without taking both apart level by level (checked for every
+        // ACL rule of every publish and delivery): no `+` and either no `#` (the same
+        // string) or a trailing `#` (the prefix itself, or anything below it). A `#` is
+        // always last and alone in its level, a `+` alone in its level.
+        let (f, t) = (self.0.as_bytes(), topic.0.as_bytes());
+        if !f.contains(&b'+') {
+            return match f.split_last() {
+                Some((b'#', [])) => true,
+                Some((b'#', [prefix @ .., b'/'])) => {
+                    t.starts_with(prefix) && (t.len() == prefix.len() || t[prefix.len()] == b'/')
+                }
+                _ => f == t,
+            };
+        }
+        self.matches_by_level(topic)
+    }
+
+    /// [`TopicFilter::matches`] for any filter, one level at a time.
+    fn matches_by_level(&self, topic: &TopicName) -> bool {
+        if topic.is_dollar() && self.0.starts_with(['+', '#']) {
+            return false;
+        }
         let mut filter = self.levels();
         let mut name = topic.levels();
         loop {
@@ -384,6 +406,64 @@ mod tests {
         // Only the first level is special.
         assert!(m("a/+", "a/$b"));
         assert!(m("a/#", "a/$b"));
+    }
+
+    #[test]
+    fn fast_paths_agree_with_matching_by_level() {
+        // Every filter and topic over a small alphabet of levels, including empty ones.
+        let levels = ["a", "b", "", "$s"];
+        let mut topics = Vec::new();
+        for n in 1..=3 {
+            let mut idx = vec![0usize; n];
+            loop {
+                topics.push(idx.iter().map(|&i| levels[i]).collect::<Vec<_>>().join("/"));
+                let mut k = 0;
+                while k < n {
+                    idx[k] += 1;
+                    if idx[k] < levels.len() {
+                        break;
+                    }
+                    idx[k] = 0;
+                    k += 1;
+                }
+                if k == n {
+                    break;
+                }
+            }
+        }
+        let mut filters: Vec<String> = Vec::new();
+        for t in &topics {
+            let parts: Vec<&str> = t.split('/').collect();
+            filters.push(t.clone());
+            filters.push(format!("{t}/#"));
+            for i in 0..parts.len() {
+                let mut p = parts.clone();
+                p[i] = "+";
+                filters.push(p.join("/"));
+                filters.push(
+                    parts[..i]
+                        .iter()
+                        .chain(["#"].iter())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                );
+            }
+        }
+        filters.push("#".into());
+        let (mut checked, mut matched) = (0, 0);
+        for f in filters.iter().filter_map(|f| TopicFilter::new(f).ok()) {
+            for t in topics.iter().filter_map(|t| TopicName::new(t).ok()) {
+                let fast = f.matches(&t);
+                assert_eq!(fast, f.matches_by_level(&t), "filter {f:?} topic {t:?}");
+                checked += 1;
+                matched += usize::from(fast);
+            }
+        }
+        assert!(
+            checked > 10_000 && matched > 1_000,
+            "{checked} pairs, {matched} matches"
+        );
     }
 
     #[test]
