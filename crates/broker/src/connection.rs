@@ -1475,12 +1475,6 @@ const TIMER_UNSET: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {
-    /// What an idle connection keeps in memory while parked: its own state, its session,
-    /// its entry among the live connections and its signals (`bytes per idle plain
-    /// connection` in BENCHMARKS.md). A field added here is paid for by every idle client;
-    /// glibc's blocks grow in steps of 16 bytes (size + 8, rounded up), so the budgets sit
-    /// at the top of the step each struct is in. tokio's `TcpStream` is 8 bytes larger in
-    /// test builds than in release builds: `Connection` is 216 bytes in a release build.
     /// On one thread (the broker's runtime on one CPU), the tasks a connection's batch
     /// woke run before it goes on: the subscriber's delivery is written ahead of the
     /// publisher's PUBACK.
@@ -1514,6 +1508,12 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), ["delivery", "puback"]);
     }
 
+    /// What an idle connection keeps in memory while parked: its own state, its session,
+    /// its entry among the live connections and its signals (`bytes per idle plain
+    /// connection` in BENCHMARKS.md). A field added here is paid for by every idle client;
+    /// glibc's blocks grow in steps of 16 bytes (size + 8, rounded up), so the budgets sit
+    /// at the top of the step each struct is in. tokio's `TcpStream` is 8 bytes larger in
+    /// test builds than in release builds: `Connection` is 216 bytes in a release build.
     #[test]
     fn idle_connection_state_stays_small() {
         let sizes = [
