@@ -496,9 +496,6 @@ struct Connection {
     /// kept for every idle connection: 8 bytes, not an `Instant`'s 16); `None`: never
     /// parked (TLS, WebSocket, or the lot refused it).
     idle_after_activity_ms: Option<u32>,
-    /// The batch being handled passed a PUBLISH to the router (and may have woken
-    /// subscribers' tasks).
-    routed_in_batch: bool,
     /// The connection's place under `limits.max_connections`, given back at the end.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -678,7 +675,6 @@ impl Connection {
             signals: attached.signals,
             last_activity: now,
             idle_after_activity_ms,
-            routed_in_batch: false,
             _permit: permit,
         });
         let mut first = vec![Packet::ConnAck(ConnAck {
@@ -727,7 +723,6 @@ impl Connection {
         tokio::pin!(shutdown_changed);
         let timer = tokio::time::sleep_until(Instant::now() + TIMER_UNSET);
         tokio::pin!(timer);
-        let mut timer_at: Option<Instant> = None;
         loop {
             // A client publishing faster than its rate is slowed down: nothing more is read
             // from it until its allowance refills.
@@ -754,11 +749,8 @@ impl Connection {
                 (Some(k), Some(p)) => Some(k.min(p)),
                 (k, p) => k.or(p),
             };
-            if let Some(d) = deadline {
-                if timer_at != Some(d) {
-                    timer.as_mut().reset(d);
-                    timer_at = Some(d);
-                }
+            if let Some(d) = deadline.filter(|d| *d != timer.deadline()) {
+                timer.as_mut().reset(d);
             }
             // The wait holds only the small futures it selects over; handling what it
             // returned (boxed, on the heap while it runs) is not part of an idle task.
@@ -872,6 +864,8 @@ impl Connection {
         let router = self.shared.router.clone();
         let mut out = Vec::new();
         let mut wrote = false;
+        // A PUBLISH goes to the router, which may wake subscribers' tasks.
+        let mut routed = false;
         let mut end = None;
         let limits = DecodeLimits {
             max_packet_size: router.limits().max_packet_size,
@@ -887,6 +881,7 @@ impl Connection {
                     return Err(End::Protocol);
                 }
             };
+            routed |= matches!(packet, Packet::Publish(_));
             match self.handle(packet, &mut out, &mut wrote) {
                 Ok(None) => {}
                 Ok(Some(e)) => {
@@ -899,7 +894,7 @@ impl Connection {
                 }
             }
         }
-        if std::mem::take(&mut self.routed_in_batch) {
+        if routed {
             // The subscribers this batch's messages woke send them before this connection
             // writes its acknowledgements (a system call, and a wake-up of the publisher,
             // ahead of the delivery) and looks for more input. A batch that woke nobody
@@ -985,7 +980,6 @@ impl Connection {
                     return Err(End::Protocol);
                 }
                 Metrics::add(&router.metrics.messages_received, 1);
-                self.routed_in_batch = true;
                 if let Some(r) = &mut self.rate {
                     r.published.0 += 1;
                     r.published.1 += p.payload.len() as u64;

@@ -187,16 +187,16 @@ impl Transport {
             // message on a connection that sends one at a time).
             Transport::Tcp(s) => {
                 std::future::poll_fn(|cx| {
-                    if s.poll_read_ready(cx).is_pending() {
-                        release_if_empty(buf);
-                        return std::task::Poll::Pending;
+                    // The buffer is made room in only when the socket has something.
+                    if s.poll_read_ready(cx).is_ready() {
+                        reserve_for_read(buf, chunk);
+                        let r = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *s), cx, buf);
+                        if r.is_ready() {
+                            return r;
+                        }
                     }
-                    reserve_for_read(buf, chunk);
-                    let r = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *s), cx, buf);
-                    if r.is_pending() {
-                        release_if_empty(buf);
-                    }
-                    r
+                    release_if_empty(buf);
+                    std::task::Poll::Pending
                 })
                 .await
             }
