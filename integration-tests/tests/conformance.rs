@@ -312,6 +312,9 @@ fn cases() -> Vec<Case> {
         post("V", "UNSUBSCRIBE -> UNSUBACK", Bytes("a2 RL 00 05 <s/1>"), Reply("b0 02 00 05")),
         post("V", "PINGREQ -> PINGRESP", Bytes("c0 00"), Reply("d0 00")),
         post("V", "two PINGREQs in one write", Bytes("c0 00 | c0 00"), Reply("d0 00 d0 00")),
+        // A PINGREQ is a barrier: what was published before it is delivered before its PINGRESP.
+        post("V", "PUBLISH to its own subscription, then PINGREQ, in one write -> delivery, then PINGRESP", Bytes("30 RL <own/echo> 'x' | c0 00"), Reply("30 RL <own/echo> 'x' | d0 00"))
+            .setup(&[("82 RL 00 01 <own/echo> 00", "90 03 00 01 00")]),
         post("V", "PUBACK for an unknown id is ignored", Bytes("40 02 00 07"), Reply("")),
         post("V", "PUBCOMP for an unknown id is ignored", Bytes("70 02 00 08"), Reply("")),
         post("V", "PUBREC for an unknown id -> PUBREL", Bytes("50 02 00 09"), Reply("62 02 00 09")),

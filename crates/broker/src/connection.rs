@@ -791,13 +791,9 @@ impl Connection {
                 Event::Deliveries => {
                     self.touch_idle(Instant::now());
                     let mut out = Vec::new();
-                    match self
-                        .shared
-                        .router
-                        .with_session(&self.client_id, self.conn, |s| s.drain_outgoing(&mut out))
-                    {
-                        Some(()) => Box::pin(self.write(&out)).await,
-                        None => Err(End::TakenOver),
+                    match self.drain_deliveries(&mut out, &mut false) {
+                        Ok(()) => Box::pin(self.write(&out)).await,
+                        Err(end) => Err(end),
                     }
                 }
                 Event::KeepaliveExpired => Err(End::KeepaliveTimeout),
@@ -882,6 +878,16 @@ impl Connection {
                 }
             };
             routed |= matches!(packet, Packet::Publish(_));
+            // Messages queued for this client before this packet (by other clients, or by
+            // this batch's own publishes to its own subscriptions) go out ahead of the
+            // packet's reply, in the order things happened: a client may use PINGREQ as
+            // a barrier, and its PINGRESP comes after what was published before it.
+            if self.signals.take(Wakeup::Deliveries) {
+                if let Err(e) = self.drain_deliveries(&mut out, &mut wrote) {
+                    let _ = self.finish_batch(out, wrote).await;
+                    return Err(e);
+                }
+            }
             match self.handle(packet, &mut out, &mut wrote) {
                 Ok(None) => {}
                 Ok(Some(e)) => {
@@ -901,18 +907,22 @@ impl Connection {
             // (acknowledgements, pings) does not yield.
             let_woken_tasks_run().await;
         }
-        if end.is_none()
-            && router
-                .with_session(&self.client_id, self.conn, |s| {
-                    s.drain_outgoing(&mut out);
-                    wrote |= s.wrote;
-                })
-                .is_none()
-        {
-            return Err(End::TakenOver);
+        if end.is_none() {
+            self.drain_deliveries(&mut out, &mut wrote)?;
         }
         self.finish_batch(out, wrote).await?;
         Ok(end)
+    }
+
+    /// Appends the messages queued for this client to `out`.
+    fn drain_deliveries(&self, out: &mut Vec<Packet>, wrote: &mut bool) -> Result<(), End> {
+        self.shared
+            .router
+            .with_session(&self.client_id, self.conn, |s| {
+                s.drain_outgoing(out);
+                *wrote |= s.wrote;
+            })
+            .ok_or(End::TakenOver)
     }
 
     /// Waits for durability if the batch wrote to the store, then sends it.
