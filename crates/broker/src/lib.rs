@@ -11,6 +11,7 @@
 //! - [`store`]: persistence behind [`store::BrokerStore`] (sled), with group commit.
 //! - [`sys`]: the `$SYS/broker/...` topics.
 //! - [`metrics`]: the figures behind them, and the Prometheus endpoint (`[metrics]`).
+//! - [`logging`]: the main log, the audit counts and the audit file as one tracing layer.
 //!
 //! [`Broker::start`] runs everything from a validated [`config::Config`]; the binary in
 //! `main.rs` adds the command line, logging and signal handling.
@@ -24,6 +25,7 @@ pub mod connection;
 pub mod ctl;
 pub mod doctor;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod park;
 pub mod reload;

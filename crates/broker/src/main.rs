@@ -212,9 +212,8 @@ fn init_logging(
     format: LogFormat,
     audit: Option<&bulwark_broker::audit::AuditConfig>,
 ) -> Result<(), String> {
+    use bulwark_broker::logging::{main_log_filter, BrokerLog};
     use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let main_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -227,8 +226,7 @@ fn init_logging(
             .with_current_span(true)
             .with_writer(std::io::stderr)
             .boxed(),
-    }
-    .with_filter(filter);
+    };
     let file_layer = match audit.and_then(|a| a.file.as_ref().map(|f| (a, f))) {
         Some((a, path)) => {
             let file =
@@ -243,18 +241,14 @@ fn init_logging(
                     .with_writer(bulwark_broker::audit::AuditWriter(std::sync::Arc::new(
                         file,
                     )))
-                    .with_filter(
-                        tracing_subscriber::filter::Targets::new()
-                            .with_target(bulwark_broker::audit::TARGET, tracing::Level::TRACE),
-                    ),
+                    .boxed(),
             )
         }
         None => None,
     };
+    let filter = main_log_filter(std::env::var("BULWARK_LOG").ok().as_deref());
     tracing_subscriber::registry()
-        .with(main_layer)
-        .with(bulwark_broker::audit::AuditCounter)
-        .with(file_layer)
+        .with(BrokerLog::new(main_layer, filter, file_layer))
         .init();
     Ok(())
 }
