@@ -3,10 +3,12 @@
 //!
 //! Nodes live in one arena (`Vec`) and refer to their children by index, so dropping,
 //! cloning or matching never recurses: a filter of 30 000 levels cannot exhaust the stack.
-//! `+` and `#` are ordinary child keys that the matcher looks up directly at each level.
+//! A node keeps its `+` and `#` children beside the map of its other levels, so matching
+//! a level costs one map lookup, not three.
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::num::NonZeroUsize;
 
 use crate::topic::{TopicFilter, TopicName};
 
@@ -27,8 +29,12 @@ pub struct SubscriptionTrie<K, V> {
 
 #[derive(Debug, Clone)]
 struct Node<K, V> {
-    /// Next level -> arena index. `+` and `#` are keys like any other.
+    /// Next level (other than `+` and `#`) -> arena index.
     children: HashMap<Box<str>, usize>,
+    /// The `+` child (never the root, so never index 0).
+    plus: Option<NonZeroUsize>,
+    /// The `#` child.
+    hash: Option<NonZeroUsize>,
     /// Subscriptions whose filter ends at this node.
     here: HashMap<K, V>,
 }
@@ -37,8 +43,44 @@ impl<K, V> Node<K, V> {
     fn new() -> Self {
         Node {
             children: HashMap::new(),
+            plus: None,
+            hash: None,
             here: HashMap::new(),
         }
+    }
+
+    /// The child reached by `level` (`+` and `#` included).
+    fn child(&self, level: &str) -> Option<usize> {
+        match level {
+            "+" => self.plus.map(NonZeroUsize::get),
+            "#" => self.hash.map(NonZeroUsize::get),
+            _ => self.children.get(level).copied(),
+        }
+    }
+
+    fn set_child(&mut self, level: &str, idx: usize) {
+        let nz = NonZeroUsize::new(idx).expect("the root is nobody's child");
+        match level {
+            "+" => self.plus = Some(nz),
+            "#" => self.hash = Some(nz),
+            _ => {
+                self.children.insert(level.into(), idx);
+            }
+        }
+    }
+
+    fn remove_child(&mut self, level: &str) {
+        match level {
+            "+" => self.plus = None,
+            "#" => self.hash = None,
+            _ => {
+                self.children.remove(level);
+            }
+        }
+    }
+
+    fn has_children(&self) -> bool {
+        self.plus.is_some() || self.hash.is_some() || !self.children.is_empty()
     }
 }
 
@@ -61,11 +103,11 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
     pub fn insert(&mut self, filter: &TopicFilter, key: K, value: V) -> Option<V> {
         let mut idx = ROOT;
         for level in filter.levels() {
-            idx = match self.nodes[idx].children.get(level) {
-                Some(&child) => child,
+            idx = match self.nodes[idx].child(level) {
+                Some(child) => child,
                 None => {
                     let child = self.alloc();
-                    self.nodes[idx].children.insert(level.into(), child);
+                    self.nodes[idx].set_child(level, child);
                     child
                 }
             };
@@ -83,7 +125,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
         let mut path: Vec<(usize, &str)> = Vec::new();
         let mut idx = ROOT;
         for level in filter.levels() {
-            let child = *self.nodes[idx].children.get(level)?;
+            let child = self.nodes[idx].child(level)?;
             path.push((idx, level));
             idx = child;
         }
@@ -98,10 +140,10 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
         }
         while let Some((parent, level)) = path.pop() {
             let node = &self.nodes[idx];
-            if !node.here.is_empty() || !node.children.is_empty() {
+            if !node.here.is_empty() || node.has_children() {
                 break;
             }
-            self.nodes[parent].children.remove(level);
+            self.nodes[parent].remove_child(level);
             self.release(idx);
             idx = parent;
         }
@@ -112,7 +154,7 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
     pub fn get(&self, filter: &TopicFilter, key: &K) -> Option<&V> {
         let mut idx = ROOT;
         for level in filter.levels() {
-            idx = *self.nodes[idx].children.get(level)?;
+            idx = self.nodes[idx].child(level)?;
         }
         self.nodes[idx].here.get(key)
     }
@@ -129,29 +171,32 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
                 f(k, v);
             }
         };
-        // Each entry: a node reached by the levels consumed so far, and the levels left.
-        let mut stack = vec![(ROOT, topic.levels())];
-        while let Some((idx, mut rest)) = stack.pop() {
-            let children = &self.nodes[idx].children;
+        // A node reached by the levels consumed so far, and the levels left: the one being
+        // followed, and those waiting behind `+` branches (no allocation without one).
+        let mut next = Some((ROOT, topic.levels()));
+        let mut branches = Vec::new();
+        while let Some((idx, mut rest)) = next.take().or_else(|| branches.pop()) {
+            let node = &self.nodes[idx];
             match rest.next() {
                 None => {
                     emit(idx);
                     // `a/#` also matches `a`.
-                    if let Some(&hash) = children.get("#") {
-                        emit(hash);
+                    if let Some(hash) = node.hash {
+                        emit(hash.get());
                     }
                 }
                 Some(level) => {
                     if !(idx == ROOT && dollar) {
-                        if let Some(&hash) = children.get("#") {
-                            emit(hash);
+                        if let Some(hash) = node.hash {
+                            emit(hash.get());
                         }
-                        if let Some(&plus) = children.get("+") {
-                            stack.push((plus, rest.clone()));
+                        if let Some(plus) = node.plus {
+                            branches.push((plus.get(), rest.clone()));
                         }
                     }
-                    if let Some(&child) = children.get(level) {
-                        stack.push((child, rest));
+                    // A topic level is never `+` or `#` (TopicName refuses them).
+                    if let Some(&child) = node.children.get(level) {
+                        next = Some((child, rest));
                     }
                 }
             }
