@@ -194,16 +194,26 @@ def target_text(target):
     return f"{'≥' if op == '>=' else '≤'} {f}{who}"
 
 
+def reference_peer(peers, target):
+    """The peer whose median `target` compares Bulwark with (None if there is none)."""
+    if target is None:
+        return None
+    ref, op, _factor = target
+    if ref == "best":
+        named = [(v, p) for p, v in peers.items() if v is not None]
+        if not named:
+            return None
+        return (max(named) if op == ">=" else min(named))[1]
+    return ref if peers.get(ref) is not None else None
+
+
 def verdict(bulwark, peers, target):
     """'PASS', 'FAIL' or 'n/a' for Bulwark's median against `target`."""
     if target is None:
         return "—"
-    ref, op, factor = target
-    if ref == "best":
-        vals = [v for v in peers.values() if v is not None]
-        refv = (max(vals) if op == ">=" else min(vals)) if vals else None
-    else:
-        refv = peers.get(ref)
+    _ref, op, factor = target
+    who = reference_peer(peers, target)
+    refv = peers.get(who) if who else None
     if bulwark is None or refv is None:
         return "n/a"
     ok = bulwark >= refv * factor if op == ">=" else bulwark <= refv * factor
@@ -241,8 +251,10 @@ def aggregate(results, pinned):
         fields = set()
         for r in ok:
             fields.update(k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        agg["rounds"] = {}
         for f in fields:
             agg[f] = median(r.get(f) for r in ok)
+            agg["rounds"][f] = [r[f] for r in ok if isinstance(r.get(f), (int, float)) and r[f] == r[f]]
         out[key] = agg
     return out
 
@@ -265,10 +277,16 @@ def build_rows(agg, brokers):
                  and (agg.get((row.scenario, b)) or {}).get("lost_total")}
         peers = {p: vals.get(p) for p in PEERS if p in brokers and p not in lossy}
         r = row_ratio(row, vals.get("bulwark"), peers)
+        spread = {}
+        for b in brokers:
+            runs = ((agg.get((row.scenario, b)) or {}).get("rounds") or {}).get(row.field) or []
+            spread[b] = (min(runs), max(runs)) if runs else None
         rows.append(
             {
                 "row": row,
                 "values": vals,
+                "spread": spread,
+                "reference": reference_peer(peers, row.target),
                 "gen": gen,
                 "lossy": lossy,
                 "timeouts": {b: (agg.get((row.scenario, b)) or {}).get("timeouts", 0) for b in brokers},
@@ -342,6 +360,45 @@ def markdown_table(rows, brokers):
             cells.append(target_text(row.target))
         v = r["verdict"]
         cells.append(f"**{v}**" if v == "FAIL" else v)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ranges_overlap(a, b):
+    """Do the closed ranges `a` and `b` ((low, high) or None) share a value?"""
+    if a is None or b is None:
+        return None
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def spread_table(rows, brokers):
+    """Every round's lowest and highest figure per broker, and whether Bulwark's range and
+    its target's (the reference's range times the target's factor) overlap: where they do,
+    the verdict on the medians is within the round-to-round noise of this machine."""
+    cols = ["scenario", "metric"] + brokers + ["target", "Bulwark's rounds vs the target's"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        row = r["row"]
+        if row.field == "lost" or "spread" not in r:
+            continue
+        cells = [row.scenario, row.label]
+        for b in brokers:
+            sp = r["spread"].get(b)
+            cells.append("" if sp is None else f"{fmt_num(sp[0], row.digits)} – {fmt_num(sp[1], row.digits)}")
+        ref = r.get("reference")
+        ours, theirs = r["spread"].get("bulwark"), r["spread"].get(ref) if ref else None
+        if theirs is not None:
+            factor = row.target[2]
+            theirs = (theirs[0] * factor, theirs[1] * factor)
+        cells.append(target_text(row.target) if ref else "")
+        overlap = ranges_overlap(ours, theirs)
+        if overlap is None:
+            cells.append("")
+        elif overlap:
+            cells.append("overlap (within the noise)")
+        else:
+            meets = (ours[0] > theirs[1]) == row.higher
+            cells.append("apart: meets it in every round" if meets else "apart: misses it in every round")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1037,9 +1094,10 @@ def write_report(results, meta, brokers, step_errors):
                  f"{meta.get('pinned_cpus', ['?', '?'])[1]}), medians of {count}") if pinned \
             else f"Unpinned (scheduler's choice), medians of {count}"
         table = markdown_table(rows, present)
+        spread = spread_table(rows, present)
         problems = loud_problems(agg)
-        sections.append((title, table, details_table(agg, present), problems))
-        lines_out.append(f"\n== {title} ==\n{table}")
+        sections.append((title, table, spread, details_table(agg, present), problems))
+        lines_out.append(f"\n== {title} ==\n{table}\n\nRound-to-round spread:\n{spread}")
         if problems:
             lines_out.append("\n".join(problems))
     print("\n".join(lines_out), flush=True)
@@ -1121,8 +1179,17 @@ def write_report(results, meta, brokers, step_errors):
         "handshakes/s ≥ Mosquitto's; no QoS 1 message lost."
     )
     md += ["", "![Bulwark relative to its peers](bench/ratios.svg)", ""]
-    for title, table, details, problems in sections:
+    for title, table, spread, details, problems in sections:
         md += [f"## {title}", "", table, ""]
+        md += [
+            "Round-to-round spread: the lowest and the highest figure of each broker over the rounds, "
+            "and whether Bulwark's range and its target's (the range of the peer the target names, times "
+            "the target's factor) overlap. Where they overlap, which side of the target the median falls on "
+            "is down to this machine's noise.",
+            "",
+            spread,
+            "",
+        ]
         if problems:
             md += ["**Problems in these runs:**", ""] + [f"- {p}" for p in problems] + [""]
         md += ["<details><summary>All figures (medians)</summary>", "", details, "", "</details>", ""]

@@ -49,6 +49,22 @@ class Ratios(unittest.TestCase):
         self.assertEqual(bench.verdict(1.0, {"rumqttd": 1.0}, ("mosquitto", "<=", 1.0)), "n/a")
         self.assertEqual(bench.verdict(1.0, peers, None), "—")
 
+    def test_reference_peer(self):
+        peers = {"mosquitto": 100.0, "rumqttd": 200.0}
+        self.assertEqual(bench.reference_peer(peers, ("best", ">=", 1.0)), "rumqttd")
+        self.assertEqual(bench.reference_peer(peers, ("best", "<=", 1.0)), "mosquitto")
+        self.assertEqual(bench.reference_peer(peers, ("mosquitto", "<=", 1.5)), "mosquitto")
+        self.assertIsNone(bench.reference_peer({"rumqttd": 1.0}, ("mosquitto", "<=", 1.0)))
+        self.assertIsNone(bench.reference_peer({"rumqttd": None}, ("best", ">=", 1.0)))
+        self.assertIsNone(bench.reference_peer(peers, None))
+
+    def test_ranges_overlap(self):
+        self.assertTrue(bench.ranges_overlap((1, 3), (3, 5)))
+        self.assertTrue(bench.ranges_overlap((2, 9), (3, 5)))
+        self.assertFalse(bench.ranges_overlap((1, 2), (3, 5)))
+        self.assertFalse(bench.ranges_overlap((6, 7), (3, 5)))
+        self.assertIsNone(bench.ranges_overlap(None, (3, 5)))
+
 
 class Helpers(unittest.TestCase):
     def test_rotated(self):
@@ -152,6 +168,27 @@ class Report(unittest.TestCase):
         self.assertIn("200 (gen 52%) ‡", table)
         self.assertIn("| fan-in-qos1 | msgs/s (↑) | 300 (gen 52%)", table)
         self.assertIn("**1 LOST**", table)
+        # Every round's lowest and highest figure, and whether Bulwark's and its
+        # reference's ranges overlap.
+        self.assertEqual(by[("fan-in-qos1", "msgs_per_s")]["spread"]["mosquitto"], (101.0, 103.0))
+        self.assertEqual(by[("fan-in-qos1", "msgs_per_s")]["reference"], "mosquitto")
+        spread = bench.spread_table(rows, bench.ALL_BROKERS)
+        self.assertIn("| fan-in-qos1 | msgs/s | 300 – 300 |", spread)
+        self.assertIn("| ≥ best peer | apart: meets it in every round |", spread)
+        # Memory: 9,000 against 1.5 × 8,000.
+        self.assertIn("| conn-scale-tls | bytes/conn | 9,000 – 9,000 | 9,000 – 9,000 | 8,000 – 8,000 | 30,000 – 30,000 "
+                      "| ≤ 1.5 × mosquitto | apart: meets it in every round |", spread)
+        self.assertNotIn("QoS1 lost", spread)
+        overlapping = [dict(r, broker="bulwark", msgs_per_s=102.0 + r["round"]) if r.get("broker") == "bulwark"
+                       else r for r in fake_results()]
+        rows = bench.build_rows(bench.aggregate(overlapping, pinned=True), bench.ALL_BROKERS)
+        self.assertIn("| fan-in-qos1 | msgs/s | 103 – 105 | 250 – 250 | 101 – 103 | 200 – 200 | ≥ best peer | overlap",
+                      bench.spread_table(rows, bench.ALL_BROKERS))
+        worse = [dict(r, p50_us=200.0) if r.get("broker") == "bulwark" and "p50_us" in r else r
+                 for r in fake_results()]
+        rows = bench.build_rows(bench.aggregate(worse, pinned=True), bench.ALL_BROKERS)
+        self.assertIn("| latency-qos0 | p50 µs | 200 – 200 | 60 – 60 | 100 – 100 | 80 – 80 | ≤ mosquitto | apart: misses it",
+                      bench.spread_table(rows, bench.ALL_BROKERS))
 
 
 class Svg(unittest.TestCase):
