@@ -17,7 +17,8 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::Layer;
 
-/// The log target of every security event.
+/// The log target of every security event. Audit events are logged at INFO, WARN or ERROR:
+/// the broker's logging ([`crate::logging`]) lets nothing more verbose through for them.
 pub const TARGET: &str = "audit";
 
 /// `[audit]` in the broker configuration.

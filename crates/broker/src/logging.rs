@@ -106,8 +106,12 @@ where
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
-        // Audit events may come at any level.
-        None
+        // Audit events are INFO, WARN or ERROR (see `audit::TARGET`). The hint also sets
+        // the `log` crate's maximum level, so that the debug and trace records of sled and
+        // rustls stop at their call sites.
+        self.main_filter
+            .max_level_hint()
+            .map(|main| main.max(LevelFilter::INFO))
     }
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, cx: Context<'_, S>) {
@@ -334,6 +338,16 @@ mod tests {
         assert!(log("info").register_callsite(debug).is_never());
         assert!(log("info").register_callsite(info).is_always());
         assert!(log("debug").register_callsite(debug).is_always());
+
+        // The most verbose level anything is logged at: what the main log shows, and
+        // INFO for the audit events.
+        use tracing::level_filters::LevelFilter;
+        assert_eq!(log("warn").max_level_hint(), Some(LevelFilter::INFO));
+        assert_eq!(log("off").max_level_hint(), Some(LevelFilter::INFO));
+        assert_eq!(
+            log("info,sled=debug").max_level_hint(),
+            Some(LevelFilter::DEBUG)
+        );
     }
 
     #[test]
