@@ -882,7 +882,7 @@ impl Connection {
             // this batch's own publishes to its own subscriptions) go out ahead of the
             // packet's reply, in the order things happened: a client may use PINGREQ as
             // a barrier, and its PINGRESP comes after what was published before it.
-            if self.signals.take(Wakeup::Deliveries) {
+            if self.signals.is_set(Wakeup::Deliveries) {
                 if let Err(e) = self.drain_deliveries(&mut out, &mut wrote) {
                     let _ = self.finish_batch(out, wrote).await;
                     return Err(e);
@@ -914,8 +914,12 @@ impl Connection {
         Ok(end)
     }
 
-    /// Appends the messages queued for this client to `out`.
+    /// Appends the messages queued for this client to `out`, and takes the permit that
+    /// announced them: one set while the batch ran would otherwise wake the serve loop
+    /// for a queue already drained. Taken before the drain, so that a message queued
+    /// after it sets the permit again.
     fn drain_deliveries(&self, out: &mut Vec<Packet>, wrote: &mut bool) -> Result<(), End> {
+        self.signals.take(Wakeup::Deliveries);
         self.shared
             .router
             .with_session(&self.client_id, self.conn, |s| {

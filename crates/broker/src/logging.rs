@@ -24,6 +24,37 @@ pub type BoxedLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
 /// A filter of any kind, boxed.
 pub type BoxedFilter<S> = Box<dyn Filter<S> + Send + Sync + 'static>;
 
+/// The main log as JSON lines (`--log-format json`): each event flattened, with the span
+/// it happened in (a connection's peer, listener and client id).
+pub fn json_log<S, W>(writer: W) -> BoxedLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_writer(writer)
+        .boxed()
+}
+
+/// The `[audit] file` format: one flattened JSON object per event; the fields of an audit
+/// event say whose it is, so no span context.
+pub fn audit_file_log<S, W>(writer: W) -> BoxedLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(writer)
+        .boxed()
+}
+
 /// The filter of the main log, from `BULWARK_LOG` (`info` when unset, empty or
 /// unreadable). Directives of targets and levels only (`info`, `info,audit=warn`) are
 /// matched by `Targets`; `EnvFilter`, needed only for span and field directives
@@ -170,7 +201,7 @@ mod tests {
     use tracing_subscriber::registry::Registry;
     use tracing_subscriber::Layer;
 
-    use super::{main_log_filter, BrokerLog};
+    use super::{audit_file_log, json_log, main_log_filter, BrokerLog};
 
     /// Lines written by a fmt layer, shared with the test.
     #[derive(Clone, Default)]
@@ -204,22 +235,9 @@ mod tests {
     fn logged(spec: &str, f: impl FnOnce()) -> (String, String) {
         let (main, file) = (Captured::default(), Captured::default());
         let layer = BrokerLog::new(
-            tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_writer(main.clone())
-                .boxed(),
+            json_log(main.clone()),
             main_log_filter(Some(spec)),
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .with_writer(file.clone())
-                    .boxed(),
-            ),
+            Some(audit_file_log(file.clone())),
         );
         tracing::subscriber::with_default(Registry::default().with(layer), f);
         (main.text(), file.text())

@@ -212,7 +212,7 @@ fn init_logging(
     format: LogFormat,
     audit: Option<&bulwark_broker::audit::AuditConfig>,
 ) -> Result<(), String> {
-    use bulwark_broker::logging::{main_log_filter, BrokerLog};
+    use bulwark_broker::logging::{audit_file_log, json_log, main_log_filter, BrokerLog};
     use tracing_subscriber::prelude::*;
     let main_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -220,29 +220,16 @@ fn init_logging(
             // Colours only for a person at a terminal: journald and log files get plain text.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_writer(std::io::stderr)
-            .boxed(),
+        LogFormat::Json => json_log(std::io::stderr),
     };
     let file_layer = match audit.and_then(|a| a.file.as_ref().map(|f| (a, f))) {
         Some((a, path)) => {
             let file =
                 bulwark_broker::audit::RotatingFile::open(path, a.max_file_bytes, a.max_files)
                     .map_err(|e| format!("[audit] file {}: {e}", path.display()))?;
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .with_writer(bulwark_broker::audit::AuditWriter(std::sync::Arc::new(
-                        file,
-                    )))
-                    .boxed(),
-            )
+            Some(audit_file_log(bulwark_broker::audit::AuditWriter(
+                std::sync::Arc::new(file),
+            )))
         }
         None => None,
     };

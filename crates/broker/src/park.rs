@@ -102,11 +102,16 @@ impl Signals {
         }
     }
 
-    /// Takes the permit of `w` if it is set; `true` if it was. A permit that is not set
-    /// costs a load, not a locked operation (the connection asks before every packet).
-    pub fn take(&self, w: Wakeup) -> bool {
+    /// Whether the permit of `w` is set (one load: the connection asks before every
+    /// packet).
+    pub fn is_set(&self, w: Wakeup) -> bool {
         self.set.load(Ordering::Acquire) & w as u8 != 0
-            && self.set.fetch_and(!(w as u8), Ordering::AcqRel) & w as u8 != 0
+    }
+
+    /// Takes the permit of `w` if it is set; `true` if it was. A permit that is not set
+    /// costs a load, not a locked operation.
+    pub fn take(&self, w: Wakeup) -> bool {
+        self.is_set(w) && self.set.fetch_and(!(w as u8), Ordering::AcqRel) & w as u8 != 0
     }
 
     /// Takes the permit of `w`, or registers the task to be woken when a permit is set.

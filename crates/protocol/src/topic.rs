@@ -98,9 +98,6 @@ impl TopicFilter {
     /// any number of levels below it (so `a/#` matches `a`), and a filter whose first level
     /// is a wildcard never matches a topic that starts with `$`.
     pub fn matches(&self, topic: &TopicName) -> bool {
-        if topic.is_dollar() && self.0.starts_with(['+', '#']) {
-            return false;
-        }
         // The common filters without taking both apart level by level (checked for every
         // ACL rule of every publish and delivery): no `+` and either no `#` (the same
         // string) or a trailing `#` (the prefix itself, or anything below it). A `#` is
@@ -108,7 +105,7 @@ impl TopicFilter {
         let (f, t) = (self.0.as_bytes(), topic.0.as_bytes());
         if !f.contains(&b'+') {
             return match f.split_last() {
-                Some((b'#', [])) => true,
+                Some((b'#', [])) => !topic.is_dollar(),
                 Some((b'#', [prefix @ .., b'/'])) => {
                     t.starts_with(prefix) && (t.len() == prefix.len() || t[prefix.len()] == b'/')
                 }
@@ -118,7 +115,8 @@ impl TopicFilter {
         self.matches_by_level(topic)
     }
 
-    /// [`TopicFilter::matches`] for any filter, one level at a time.
+    /// [`TopicFilter::matches`] for any filter, one level at a time (the `$` rule
+    /// included).
     fn matches_by_level(&self, topic: &TopicName) -> bool {
         if topic.is_dollar() && self.0.starts_with(['+', '#']) {
             return false;
