@@ -1472,21 +1472,28 @@ fn wait_parked(metrics: SocketAddr, n: u64) {
 
 #[test]
 fn parked_connections_are_woken_by_deliveries_packets_close_and_takeover() {
-    parked_connections_are_woken(false);
+    parked_connections_are_woken(false, "");
 }
 
-/// The same on one CPU, where the broker's runtime is single-threaded: a resumed
-/// connection is served before its park timer can send it back to the lot.
+/// The same on one CPU, where the broker serves every connection on its main thread: a
+/// resumed connection is served before its park timer can send it back to the lot.
 #[test]
 fn parked_connections_are_woken_on_one_cpu() {
-    parked_connections_are_woken(true);
+    parked_connections_are_woken(true, "");
 }
 
-fn parked_connections_are_woken(one_cpu: bool) {
+/// The same with three connection threads: the clients are served on different threads,
+/// and a parked connection resumes on its own.
+#[test]
+fn parked_connections_are_woken_on_three_connection_threads() {
+    parked_connections_are_woken(false, "[runtime]\nthreads = 3\n");
+}
+
+fn parked_connections_are_woken(one_cpu: bool, runtime: &str) {
     let b = TestBroker::start(BrokerConfig {
         tls: false,
         wss: false,
-        extra: format!("[limits]\npark_idle_after_ms = 50\n{METRICS_ON}"),
+        extra: format!("[limits]\npark_idle_after_ms = 50\n{METRICS_ON}{runtime}"),
         one_cpu,
         ..BrokerConfig::default()
     });
@@ -1542,6 +1549,119 @@ fn parked_connections_are_woken(one_cpu: bool) {
         &[("client_id", "park-sub"), ("reason", "session_taken_over")],
     );
     publ.send(&DISCONNECT);
+}
+
+// ---------------------------------------------------------------------------------------
+// 15. [runtime] threads: connections spread over the connection threads
+
+/// The connections each connection thread serves, from the metrics.
+fn connections_by_thread(metrics: SocketAddr, threads: usize) -> Vec<u64> {
+    (0..threads)
+        .map(|t| {
+            gauge(
+                metrics,
+                &format!("bulwark_connections_by_thread{{thread=\"{t}\"}}"),
+            )
+        })
+        .collect()
+}
+
+/// The names of the broker process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn connections_are_spread_over_the_connection_threads_and_talk_across_them() {
+    let b = TestBroker::start(BrokerConfig {
+        tls: false,
+        wss: false,
+        extra: format!("{METRICS_ON}[runtime]\nthreads = 3\n"),
+        ..BrokerConfig::default()
+    });
+    let names = thread_names(b.process.pid());
+    for want in ["bulwark-conn-1", "bulwark-conn-2"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no thread {want}: {names:?}"
+        );
+    }
+    assert!(!names.iter().any(|n| n == "bulwark-conn-3"), "{names:?}");
+    b.process
+        .wait_log(T, |v| {
+            v["message"] == "serving connections on 3 threads ([runtime] threads)"
+        })
+        .expect("the thread count in the log");
+    let metrics = metrics_addr(&b.process);
+    let addr = b.addr("tcp");
+    assert_eq!(connections_by_thread(metrics, 3), vec![0, 0, 0]);
+
+    // Each new connection goes to the thread serving the fewest.
+    const N: usize = 6;
+    let mut clients: Vec<Mq> = (0..N)
+        .map(|i| Mq::connect_ok(addr, &format!("spread-{i}")))
+        .collect();
+    assert_eq!(connections_by_thread(metrics, 3), vec![2, 2, 2]);
+
+    // Every client hears every other one, whichever threads they are on.
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.subscribe(&[(&format!("spread/{i}"), 1)]), vec![1]);
+    }
+    let mut sent_ids: Vec<Vec<u16>> = vec![Vec::new(); N];
+    for (from, c) in clients.iter_mut().enumerate() {
+        for to in (0..N).filter(|&to| to != from) {
+            let id = c.pkid();
+            sent_ids[from].push(id);
+            c.send(&publish_pkt(
+                &format!("spread/{to}"),
+                from.to_string().as_bytes(),
+                1,
+                id,
+                false,
+            ));
+        }
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        // Its own PUBACKs and the others' messages, in whatever order they come.
+        let (mut acks, mut senders) = (Vec::new(), Vec::new());
+        while acks.len() + senders.len() < 2 * (N - 1) {
+            match c.expect_pkt("PUBACK or PUBLISH") {
+                Pkt::PubAck(id) => acks.push(id),
+                Pkt::Publish(p) => {
+                    assert_eq!(p.topic, format!("spread/{i}"));
+                    c.send(&puback_pkt(p.pkid.expect("QoS 1")));
+                    senders.push(String::from_utf8(p.payload).unwrap());
+                }
+                other => panic!("client {i}: unexpected {other:?}"),
+            }
+        }
+        acks.sort();
+        assert_eq!(acks, sent_ids[i], "client {i}");
+        senders.sort();
+        let want: Vec<String> = (0..N).filter(|&f| f != i).map(|f| f.to_string()).collect();
+        assert_eq!(senders, want, "client {i}");
+    }
+
+    // A closed connection gives its place back; the next one takes it.
+    // spread-1 was the second connection: thread 1's first.
+    drop(clients.remove(1));
+    let deadline = Instant::now() + T;
+    while connections_by_thread(metrics, 3) != vec![2, 1, 2] {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            connections_by_thread(metrics, 3)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _again = Mq::connect_ok(addr, "spread-again");
+    assert_eq!(connections_by_thread(metrics, 3), vec![2, 2, 2]);
 }
 
 #[test]

@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub sys: SysConfig,
     #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
     pub reload: ReloadConfig,
     #[serde(default)]
     pub abuse: crate::abuse::AbuseConfig,
@@ -313,6 +315,32 @@ impl Default for SysConfig {
     }
 }
 
+/// Most connection threads `[runtime] threads` may ask for.
+pub const MAX_THREADS: usize = 256;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Threads serving client connections (see [`crate::threads`]); 0: one per CPU the
+    /// broker may run on.
+    pub threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of connection threads to run: `threads`, or with 0 one per CPU the
+    /// process may run on (its affinity mask and cgroup quota, as `taskset` and
+    /// container limits set them).
+    pub fn thread_count(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(MAX_THREADS)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReloadConfig {
@@ -473,6 +501,15 @@ impl Config {
             return Err(self.invalid(
                 "listener",
                 "no listener configured; add a [[listener]] table, e.g. bind = \"0.0.0.0:8883\", transport = \"tls\"",
+            ));
+        }
+        if self.runtime.threads > MAX_THREADS {
+            return Err(self.invalid(
+                "runtime.threads",
+                format!(
+                    "{} connection threads asked for; at most {MAX_THREADS} (0: one per CPU)",
+                    self.runtime.threads
+                ),
             ));
         }
         let passwords = self.auth.passwords.is_some();
@@ -774,5 +811,28 @@ mod tests {
     fn duplicate_bind_is_refused() {
         let e = err("[[listener]]\nbind = \"127.0.0.1:1883\"\ntransport = \"tcp\"\nallow_anonymous = true\n[[listener]]\nbind = \"127.0.0.1:1883\"\ntransport = \"tcp\"\nallow_anonymous = true\n");
         assert!(e.contains("used by two listeners"), "{e}");
+    }
+
+    #[test]
+    fn runtime_threads_default_to_one_per_cpu_and_are_bounded() {
+        let tcp = "[[listener]]\nbind = \"127.0.0.1:1883\"\ntransport = \"tcp\"\nallow_anonymous = true\n";
+        let c = parse(tcp).unwrap();
+        assert_eq!(c.runtime.threads, 0);
+        assert_eq!(
+            c.runtime.thread_count(),
+            std::thread::available_parallelism()
+                .unwrap()
+                .get()
+                .min(MAX_THREADS)
+        );
+        let c = parse(&format!("{tcp}[runtime]\nthreads = 3\n")).unwrap();
+        assert_eq!(c.runtime.thread_count(), 3);
+        let e = err(&format!("{tcp}[runtime]\nthreads = 257\n"));
+        assert!(
+            e.contains("runtime.threads") && e.contains("at most 256"),
+            "{e}"
+        );
+        let e = err(&format!("{tcp}[runtime]\nworkers = 2\n"));
+        assert!(e.contains("workers"), "{e}");
     }
 }

@@ -8,6 +8,7 @@ use bulwark_broker::auth::passwords::{
     check_mode, validate_username, Argon2Params, Change, PasswordError, PasswordFile,
 };
 use bulwark_broker::config::{Config, EXIT_BAD_CONFIG};
+use bulwark_broker::threads::ConnectionThreads;
 use bulwark_broker::Broker;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -317,30 +318,36 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_BAD_CONFIG as u8);
             }
-            let rt = match runtime_builder().enable_all().build() {
+            // The main thread runs the broker's own tasks, accepts, and serves connections
+            // like the `[runtime] threads` - 1 others (bulwark_broker::threads).
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(run(config))
+            let count = config.runtime.thread_count();
+            let (threads, stop) = match ConnectionThreads::start(rt.handle().clone(), count - 1) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot start {count} connection threads ([runtime] threads): {e}"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let code = rt.block_on(run(config, threads));
+            drop(stop);
+            code
         }
     }
 }
 
-/// One worker thread per CPU the process may run on; with a single CPU (a small gateway
-/// or VM, or a broker pinned with taskset) the runtime runs every connection on the main
-/// thread, without a multi-threaded scheduler's hand-offs between workers.
-fn runtime_builder() -> tokio::runtime::Builder {
-    if std::thread::available_parallelism().is_ok_and(|n| n.get() == 1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    }
-}
-
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, threads: ConnectionThreads) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     // Handlers first, so a signal that arrives while the broker starts is not lost.
     let (mut term, mut int) = match (
@@ -353,7 +360,7 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let broker = match Broker::start(config).await {
+    let broker = match Broker::start_on(config, &threads).await {
         Ok(b) => b,
         Err(e) => {
             tracing::error!("start-up failed: {e}");
