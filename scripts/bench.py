@@ -1154,7 +1154,9 @@ def write_report(results, meta, brokers, step_errors):
         "- **bulwark** runs with `durability = \"periodic\"` (flush every second, like Mosquitto's autosave) and its ACL "
         "(bench/acl.conf); **bulwark-sync** is the same with Bulwark's default `durability = \"sync\"` "
         "(a retained or queued persistent message is on disk before it is acknowledged), shown beside it and "
-        "not used in the ratios. Abuse limits are off for loopback (allow-list), $SYS updates are off."
+        "not used in the ratios. Abuse limits are off for loopback (allow-list), $SYS updates are off. "
+        "Both serve every connection on the main thread (`[runtime] threads = 1`, the default), like Mosquitto; "
+        "rumqttd serves each listener on a thread of its own and routes messages on another."
     )
     md.append(
         "- **Mosquitto**: `persistence false` (Bulwark's periodic store is the stronger guarantee), the same "

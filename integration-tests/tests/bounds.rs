@@ -1475,17 +1475,16 @@ fn parked_connections_are_woken_by_deliveries_packets_close_and_takeover() {
     parked_connections_are_woken(false, "");
 }
 
-/// The same on one CPU, where the broker serves every connection on its main thread: a
-/// resumed connection is served before its park timer can send it back to the lot.
+/// The same on one CPU: a resumed connection is served before its park timer can send it
+/// back to the lot.
 #[test]
 fn parked_connections_are_woken_on_one_cpu() {
     parked_connections_are_woken(true, "");
 }
 
-/// The same with three connection threads: the clients are served on different threads,
-/// and a parked connection resumes on its own.
+/// The same with a pool of three workers (`[runtime] threads = 3`).
 #[test]
-fn parked_connections_are_woken_on_three_connection_threads() {
+fn parked_connections_are_woken_on_three_worker_threads() {
     parked_connections_are_woken(false, "[runtime]\nthreads = 3\n");
 }
 
@@ -1552,19 +1551,7 @@ fn parked_connections_are_woken(one_cpu: bool, runtime: &str) {
 }
 
 // ---------------------------------------------------------------------------------------
-// 15. [runtime] threads: connections spread over the connection threads
-
-/// The connections each connection thread serves, from the metrics.
-fn connections_by_thread(metrics: SocketAddr, threads: usize) -> Vec<u64> {
-    (0..threads)
-        .map(|t| {
-            gauge(
-                metrics,
-                &format!("bulwark_connections_by_thread{{thread=\"{t}\"}}"),
-            )
-        })
-        .collect()
-}
+// 15. [runtime] threads: the main thread alone, or a pool of workers
 
 /// The names of the broker process's threads.
 fn thread_names(pid: u32) -> Vec<String> {
@@ -1577,41 +1564,15 @@ fn thread_names(pid: u32) -> Vec<String> {
     names
 }
 
-#[test]
-fn connections_are_spread_over_the_connection_threads_and_talk_across_them() {
-    let b = TestBroker::start(BrokerConfig {
-        tls: false,
-        wss: false,
-        extra: format!("{METRICS_ON}[runtime]\nthreads = 3\n"),
-        ..BrokerConfig::default()
-    });
-    let names = thread_names(b.process.pid());
-    for want in ["bulwark-conn-1", "bulwark-conn-2"] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "no thread {want}: {names:?}"
-        );
-    }
-    assert!(!names.iter().any(|n| n == "bulwark-conn-3"), "{names:?}");
-    b.process
-        .wait_log(T, |v| {
-            v["message"] == "serving connections on 3 threads ([runtime] threads)"
-        })
-        .expect("the thread count in the log");
-    let metrics = metrics_addr(&b.process);
-    let addr = b.addr("tcp");
-    assert_eq!(connections_by_thread(metrics, 3), vec![0, 0, 0]);
-
-    // Each new connection goes to the thread serving the fewest.
+/// Six clients, each subscribed to its own topic, each publishing to every other one:
+/// every client gets its own PUBACKs and the five others' messages.
+fn everyone_hears_everyone(addr: SocketAddr) {
     const N: usize = 6;
     let mut clients: Vec<Mq> = (0..N)
-        .map(|i| Mq::connect_ok(addr, &format!("spread-{i}")))
+        .map(|i| Mq::connect_ok(addr, &format!("threads-{i}")))
         .collect();
-    assert_eq!(connections_by_thread(metrics, 3), vec![2, 2, 2]);
-
-    // Every client hears every other one, whichever threads they are on.
     for (i, c) in clients.iter_mut().enumerate() {
-        assert_eq!(c.subscribe(&[(&format!("spread/{i}"), 1)]), vec![1]);
+        assert_eq!(c.subscribe(&[(&format!("threads/{i}"), 1)]), vec![1]);
     }
     let mut sent_ids: Vec<Vec<u16>> = vec![Vec::new(); N];
     for (from, c) in clients.iter_mut().enumerate() {
@@ -1619,7 +1580,7 @@ fn connections_are_spread_over_the_connection_threads_and_talk_across_them() {
             let id = c.pkid();
             sent_ids[from].push(id);
             c.send(&publish_pkt(
-                &format!("spread/{to}"),
+                &format!("threads/{to}"),
                 from.to_string().as_bytes(),
                 1,
                 id,
@@ -1634,7 +1595,7 @@ fn connections_are_spread_over_the_connection_threads_and_talk_across_them() {
             match c.expect_pkt("PUBACK or PUBLISH") {
                 Pkt::PubAck(id) => acks.push(id),
                 Pkt::Publish(p) => {
-                    assert_eq!(p.topic, format!("spread/{i}"));
+                    assert_eq!(p.topic, format!("threads/{i}"));
                     c.send(&puback_pkt(p.pkid.expect("QoS 1")));
                     senders.push(String::from_utf8(p.payload).unwrap());
                 }
@@ -1647,21 +1608,38 @@ fn connections_are_spread_over_the_connection_threads_and_talk_across_them() {
         let want: Vec<String> = (0..N).filter(|&f| f != i).map(|f| f.to_string()).collect();
         assert_eq!(senders, want, "client {i}");
     }
+}
 
-    // A closed connection gives its place back; the next one takes it.
-    // spread-1 was the second connection: thread 1's first.
-    drop(clients.remove(1));
-    let deadline = Instant::now() + T;
-    while connections_by_thread(metrics, 3) != vec![2, 1, 2] {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}",
-            connections_by_thread(metrics, 3)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _again = Mq::connect_ok(addr, "spread-again");
-    assert_eq!(connections_by_thread(metrics, 3), vec![2, 2, 2]);
+#[test]
+fn runtime_threads_serve_on_the_main_thread_or_a_pool_of_workers() {
+    // The default: everything on the main thread, no worker pool.
+    let b = start("");
+    b.process
+        .wait_log(T, |v| {
+            v["message"] == "serving connections on 1 thread ([runtime] threads)"
+        })
+        .expect("the thread count in the log");
+    let names = thread_names(b.process.pid());
+    assert!(
+        !names.iter().any(|n| n == "bulwark-worker"),
+        "a worker pool with the default [runtime] threads = 1: {names:?}"
+    );
+    everyone_hears_everyone(b.addr("tcp"));
+
+    // threads = 3: a pool of three workers (its helper threads for blocking work, such
+    // as opening the store, carry the same name).
+    let b = start_with("", "[runtime]\nthreads = 3\n", false);
+    b.process
+        .wait_log(T, |v| {
+            v["message"] == "serving connections on 3 threads ([runtime] threads)"
+        })
+        .expect("the thread count in the log");
+    let workers = thread_names(b.process.pid())
+        .into_iter()
+        .filter(|n| n == "bulwark-worker")
+        .count();
+    assert!(workers >= 3, "{workers} bulwark-worker threads");
+    everyone_hears_everyone(b.addr("tcp"));
 }
 
 #[test]

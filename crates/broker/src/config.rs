@@ -315,21 +315,27 @@ impl Default for SysConfig {
     }
 }
 
-/// Most connection threads `[runtime] threads` may ask for.
+/// Most threads `[runtime] threads` may ask for.
 pub const MAX_THREADS: usize = 256;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Threads serving client connections (see [`crate::threads`]); 0: one per CPU the
-    /// broker may run on.
+    /// Threads serving client connections: 1 (every connection on the main thread), N (a
+    /// pool of N workers) or 0 (one worker per CPU the broker may run on).
     pub threads: usize,
 }
 
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { threads: 1 }
+    }
+}
+
 impl RuntimeConfig {
-    /// The number of connection threads to run: `threads`, or with 0 one per CPU the
-    /// process may run on (its affinity mask and cgroup quota, as `taskset` and
-    /// container limits set them).
+    /// The number of threads to serve connections on: `threads`, or with 0 one per CPU
+    /// the process may run on (its affinity mask and cgroup quota, as `taskset`,
+    /// `CPUAffinity=` and container limits set them).
     pub fn thread_count(&self) -> usize {
         if self.threads > 0 {
             return self.threads;
@@ -507,7 +513,7 @@ impl Config {
             return Err(self.invalid(
                 "runtime.threads",
                 format!(
-                    "{} connection threads asked for; at most {MAX_THREADS} (0: one per CPU)",
+                    "{} threads asked for; at most {MAX_THREADS} (1: everything on the main thread, 0: one per CPU)",
                     self.runtime.threads
                 ),
             ));
@@ -814,10 +820,12 @@ mod tests {
     }
 
     #[test]
-    fn runtime_threads_default_to_one_per_cpu_and_are_bounded() {
+    fn runtime_threads_default_to_one_and_are_bounded() {
         let tcp = "[[listener]]\nbind = \"127.0.0.1:1883\"\ntransport = \"tcp\"\nallow_anonymous = true\n";
         let c = parse(tcp).unwrap();
-        assert_eq!(c.runtime.threads, 0);
+        assert_eq!(c.runtime.threads, 1);
+        assert_eq!(c.runtime.thread_count(), 1);
+        let c = parse(&format!("{tcp}[runtime]\nthreads = 0\n")).unwrap();
         assert_eq!(
             c.runtime.thread_count(),
             std::thread::available_parallelism()

@@ -25,7 +25,6 @@ use crate::park::{Parked, ParkingLot, Signals, Wakeup};
 use crate::router::{attach_refusal, Metrics, Router};
 use crate::session::Message;
 use crate::store::FlushCoordinator;
-use crate::threads::Seat;
 use crate::tls::ClientCertificate;
 use crate::transport::{accept_websocket, Transport, Upgraded};
 
@@ -40,8 +39,6 @@ pub struct Shared {
     pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::BrokerRelay>>,
     /// Idle plain-TCP connections without a task.
     pub parking: Arc<ParkingLot<ParkedConnection>>,
-    /// `limits.max_connections` seats on the connection threads.
-    pub seats: crate::threads::Seats,
     /// Broker shutdown. Never polled itself: a clone sees a shutdown sent at any time
     /// as a change, so connections clone it when they (re)start serving rather than each
     /// keeping a receiver.
@@ -109,8 +106,8 @@ pub struct Accepted {
     pub peer: SocketAddr,
     pub accepted: Instant,
     pub shutdown: watch::Receiver<bool>,
-    /// The connection's place under `limits.max_connections` and its thread.
-    pub seat: Seat,
+    /// The connection's place under `limits.max_connections`, given back at the end.
+    pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The span of a connection's task; `client_id` and `identity` are recorded once known.
@@ -139,10 +136,10 @@ pub async fn serve(accepted: Box<Accepted>) {
                 peer,
                 accepted,
                 shutdown,
-                seat,
+                permit,
             } = *accepted;
             Box::pin(set_up(
-                shared, listener, stream, peer, accepted, shutdown, seat,
+                shared, listener, stream, peer, accepted, shutdown, permit,
             ))
         };
         let Some(Ready {
@@ -244,9 +241,7 @@ impl Parked for ParkedConnection {
             .map(|k| (self.0.last_activity + k).into_std())
     }
     fn resume(self) {
-        // On the connection's own thread (the lot's thread has no runtime of its own).
-        let thread = self.0.seat.handle().clone();
-        thread.spawn(resumed(self.0));
+        tokio::spawn(resumed(self.0));
     }
 }
 
@@ -276,7 +271,7 @@ async fn set_up(
     peer: SocketAddr,
     accepted: Instant,
     shutdown: watch::Receiver<bool>,
-    seat: Seat,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Option<Ready> {
     let deadline = accepted + shared.router.limits().connect_timeout();
     let established =
@@ -312,7 +307,7 @@ async fn set_up(
             transport,
             rbuf,
             peer,
-            seat,
+            permit,
         },
         connect,
         certificate,
@@ -501,9 +496,8 @@ struct Connection {
     /// kept for every idle connection: 8 bytes, not an `Instant`'s 16); `None`: never
     /// parked (TLS, WebSocket, or the lot refused it).
     idle_after_activity_ms: Option<u32>,
-    /// The connection's place under `limits.max_connections` and its thread, given back
-    /// at the end.
-    seat: Seat,
+    /// The connection's place under `limits.max_connections`, given back at the end.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A rate-limited client's allowance and what it has used since last charged.
@@ -519,7 +513,7 @@ struct Stream {
     /// Bytes read after CONNECT.
     rbuf: BytesMut,
     peer: SocketAddr,
-    seat: Seat,
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What woke an established connection's task.
@@ -566,7 +560,7 @@ impl Connection {
             mut transport,
             rbuf,
             peer,
-            seat,
+            permit,
         } = stream;
         let router = shared.router.clone();
         let span = tracing::Span::current();
@@ -681,7 +675,7 @@ impl Connection {
             signals: attached.signals,
             last_activity: now,
             idle_after_activity_ms,
-            seat,
+            _permit: permit,
         });
         let mut first = vec![Packet::ConnAck(ConnAck {
             session_present: attached.session_present,

@@ -33,7 +33,6 @@ pub mod router;
 pub mod session;
 pub mod store;
 pub mod sys;
-pub mod threads;
 pub mod tls;
 pub mod transport;
 pub mod tunnel;
@@ -97,24 +96,17 @@ pub struct Broker {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     shared: Arc<Shared>,
+    /// One permit per open connection, out of `limits.max_connections`.
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
     store: Arc<dyn BrokerStore>,
     durability: Option<FlushCoordinator>,
 }
 
 impl Broker {
-    /// Opens the store, binds every listener and starts serving, every connection on the
-    /// current runtime. Nothing is served if any listener fails to bind or any TLS
-    /// material is unusable.
+    /// Opens the store, binds every listener and starts serving. Nothing is served if any
+    /// listener fails to bind or any TLS material is unusable.
     pub async fn start(config: Config) -> Result<Broker, StartError> {
-        Broker::start_on(config, &threads::ConnectionThreads::current()).await
-    }
-
-    /// [`Broker::start`], with connections served on `threads` (see [`threads`]); call it
-    /// on the runtime of `threads`' main thread.
-    pub async fn start_on(
-        config: Config,
-        threads: &threads::ConnectionThreads,
-    ) -> Result<Broker, StartError> {
         // Registered first, before any listener is bound and announced, so that an early
         // SIGHUP (a reload right after start) cannot take the default action of
         // terminating the process.
@@ -222,7 +214,6 @@ impl Broker {
             abuse,
             tunnel: std::sync::OnceLock::new(),
             parking: park::ParkingLot::start().map_err(StartError::Parking)?,
-            seats: threads::Seats::new(threads, config.limits.max_connections),
             shutdown: shutdown_rx.clone(),
         });
         if config.tunnel.enabled {
@@ -230,13 +221,8 @@ impl Broker {
             let _ = shared.tunnel.set(relay);
             tracing::info!(public_url = %config.tunnel.public_url, path = bulwark_tunnel::proto::PATH, "tunnel relay enabled on the wss listeners");
         }
-        tracing::info!(
-            threads = threads.len(),
-            "serving connections on {} thread{} ([runtime] threads)",
-            threads.len(),
-            if threads.len() == 1 { "" } else { "s" }
-        );
         let mut tasks = JoinSet::new();
+        let conns = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         let mut runtimes = Vec::with_capacity(listeners.len());
         for (sock, rt) in listeners {
             let rt = Arc::new(rt);
@@ -245,6 +231,7 @@ impl Broker {
                 sock,
                 rt,
                 shared.clone(),
+                conns.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -283,6 +270,8 @@ impl Broker {
             shutdown,
             tasks,
             shared,
+            connections: conns,
+            max_connections: config.limits.max_connections,
             store,
             durability,
         })
@@ -310,8 +299,9 @@ impl Broker {
         self.shared.parking.close();
         while self.tasks.join_next().await.is_some() {}
         // Connections resumed from the parking lot run outside the listeners' task sets;
-        // each holds its seat until it has closed.
-        self.shared.seats.all_given_back().await;
+        // each holds a permit until it has closed.
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let _ = self.connections.acquire_many(all).await;
         self.router.detach_all();
         if let Some(d) = &self.durability {
             d.durable().await;

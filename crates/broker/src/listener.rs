@@ -1,13 +1,12 @@
 //! Accept loops. Each listener accepts, enforces the broker-wide connection cap (a
 //! connection over the cap is closed at once and audited), survives accept errors such
-//! as EMFILE with a short back-off, gives each connection to a connection thread
-//! ([`crate::threads`]), and on shutdown waits for its connections to end.
+//! as EMFILE with a short back-off, and on shutdown waits for its connections to end.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -18,6 +17,7 @@ pub async fn accept_loop(
     sock: TcpListener,
     listener: Arc<ListenerRuntime>,
     shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -70,7 +70,7 @@ pub async fn accept_loop(
             drop(stream);
             continue;
         }
-        let Some(seat) = shared.seats.take() else {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
             Metrics::add(&shared.router.metrics.connections_refused, 1);
             tracing::warn!(
                 target: "audit",
@@ -82,51 +82,15 @@ pub async fn accept_loop(
             drop(stream);
             continue;
         };
-        if seat.on_main_thread() {
-            conns.spawn(connection::serve(Box::new(connection::Accepted {
-                shared: shared.clone(),
-                listener: listener.clone(),
-                stream,
-                peer,
-                accepted: accepted_at,
-                shutdown: shutdown.clone(),
-                seat,
-            })));
-            continue;
-        }
-        // Another thread serves it: the socket leaves this thread's reactor and joins
-        // that thread's.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(listener = %listener.name, %peer, error = %e, "accepted connection lost on its way to its thread");
-                continue;
-            }
-        };
-        let thread = seat.handle().clone();
-        let (shared, listener, shutdown) = (shared.clone(), listener.clone(), shutdown.clone());
-        conns.spawn_on(
-            async move {
-                let stream = match TcpStream::from_std(stream) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(listener = %listener.name, %peer, error = %e, "accepted connection lost on its way to its thread");
-                        return;
-                    }
-                };
-                connection::serve(Box::new(connection::Accepted {
-                    shared,
-                    listener,
-                    stream,
-                    peer,
-                    accepted: accepted_at,
-                    shutdown,
-                    seat,
-                }))
-                .await
-            },
-            &thread,
-        );
+        conns.spawn(connection::serve(Box::new(connection::Accepted {
+            shared: shared.clone(),
+            listener: listener.clone(),
+            stream,
+            peer,
+            accepted: accepted_at,
+            shutdown: shutdown.clone(),
+            permit,
+        })));
     }
     drop(sock);
     while conns.join_next().await.is_some() {}

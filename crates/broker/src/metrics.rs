@@ -127,9 +127,6 @@ pub struct Figures {
     pub tunnel_sessions: Option<usize>,
     /// Idle connections waiting in the parking lot, without a task.
     pub connections_parked: u64,
-    /// Connections (running or parked) each connection thread serves, by thread; empty
-    /// outside a running broker.
-    pub connections_by_thread: Vec<usize>,
 }
 
 impl Figures {
@@ -152,7 +149,6 @@ impl Figures {
             audit: crate::audit::counts().snapshot(),
             tunnel_sessions: None,
             connections_parked: 0,
-            connections_by_thread: Vec::new(),
         }
     }
 
@@ -161,7 +157,6 @@ impl Figures {
         let mut f = Figures::collect(&shared.router);
         f.tunnel_sessions = shared.tunnel.get().map(|r| r.session_count());
         f.connections_parked = shared.parking.len() as u64;
-        f.connections_by_thread = shared.seats.loads();
         f
     }
 }
@@ -352,20 +347,6 @@ pub fn render(f: &Figures) -> String {
     for (name, kind, help, value) in plain.into_iter().chain(tunnel) {
         family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");
-    }
-    if !f.connections_by_thread.is_empty() {
-        family(
-            &mut out,
-            "bulwark_connections_by_thread",
-            Gauge,
-            "Connections (running or parked, from accept to close) each connection thread serves; thread 0 is the main thread ([runtime] threads).",
-        );
-        for (thread, n) in f.connections_by_thread.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "bulwark_connections_by_thread{{thread=\"{thread}\"}} {n}"
-            );
-        }
     }
     family(
         &mut out,
@@ -585,7 +566,6 @@ mod tests {
             audit: vec![("auth_failure".into(), 2), ("we\"ird\\".into(), 1)],
             tunnel_sessions: Some(1),
             connections_parked: 1,
-            connections_by_thread: vec![3, 2],
         }
     }
 
@@ -612,9 +592,6 @@ mod tests {
             "bulwark_queued_messages 4",
             "bulwark_sessions_persistent 1",
             "bulwark_tunnel_sessions 1",
-            "# TYPE bulwark_connections_by_thread gauge",
-            "bulwark_connections_by_thread{thread=\"0\"} 3",
-            "bulwark_connections_by_thread{thread=\"1\"} 2",
             "# TYPE bulwark_audit_events_total counter",
             "bulwark_audit_events_total{event=\"auth_failure\"} 2",
             "bulwark_audit_events_total{event=\"we\\\"ird\\\\\"} 1",

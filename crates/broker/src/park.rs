@@ -147,8 +147,7 @@ pub trait Parked: Send + 'static {
     fn signals(&self) -> Arc<Signals>;
     /// When the connection must be looked at even if nothing happens (its keepalive).
     fn deadline(&self) -> Option<Instant>;
-    /// Gives the connection a task again (on its own connection thread). Called inside
-    /// the runtime context of the thread that started the lot.
+    /// Gives the connection a task again. Called inside the broker's runtime context.
     fn resume(self);
 }
 
