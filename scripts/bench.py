@@ -253,8 +253,8 @@ def aggregate(results, pinned):
             fields.update(k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         agg["rounds"] = {}
         for f in fields:
-            agg[f] = median(r.get(f) for r in ok)
             agg["rounds"][f] = [r[f] for r in ok if isinstance(r.get(f), (int, float)) and r[f] == r[f]]
+            agg[f] = median(agg["rounds"][f])
         out[key] = agg
     return out
 

@@ -1555,13 +1555,11 @@ fn parked_connections_are_woken(one_cpu: bool, runtime: &str) {
 
 /// The names of the broker process's threads.
 fn thread_names(pid: u32) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .map(|n| n.trim().to_string())
-        .collect();
-    names.sort();
-    names
+        .collect()
 }
 
 /// Six clients, each subscribed to its own topic, each publishing to every other one:

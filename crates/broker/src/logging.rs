@@ -31,12 +31,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_writer(writer)
-        .boxed()
+    json_lines(writer, true)
 }
 
 /// The `[audit] file` format: one flattened JSON object per event; the fields of an audit
@@ -46,11 +41,21 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
+    json_lines(writer, false)
+}
+
+/// One flattened JSON object per event, with the current span and the span list or
+/// without either.
+fn json_lines<S, W>(writer: W, spans: bool) -> BoxedLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
+        .with_current_span(spans)
+        .with_span_list(spans)
         .with_writer(writer)
         .boxed()
 }
@@ -167,7 +172,10 @@ where
                 file.on_event(event, cx.clone());
             }
         }
-        if self.main_filter.enabled(meta, &cx) && self.main_filter.event_enabled(event, &cx) {
+        // Any other event got here because the main filter enabled its callsite or the
+        // event (`register_callsite`, `enabled`); an audit event got here regardless.
+        let shown = !is_audit(meta) || self.main_filter.enabled(meta, &cx);
+        if shown && self.main_filter.event_enabled(event, &cx) {
             self.main.on_event(event, cx);
         }
     }
